@@ -1,0 +1,1 @@
+"""stepscope's web server: REST API, job runner and dashboard."""

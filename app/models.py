@@ -1,0 +1,174 @@
+"""Database tables (SQLModel) and the API's model families.
+
+The trainer writes `runs`, `step_metrics` and `eval_metrics` rows from its own process; the server
+reads them. Every change here needs an Alembic revision (a test checks that none is missing).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class RunStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+    diverged = "diverged"
+    interrupted = "interrupted"
+
+
+FINISHED = {RunStatus.completed, RunStatus.failed, RunStatus.cancelled, RunStatus.diverged, RunStatus.interrupted}
+
+# The per-step metric columns, in the order the trainer records them.
+STEP_COLUMNS = (
+    "epoch",
+    "samples",
+    "tokens",
+    "loss",
+    "lr",
+    "grad_norm",
+    "update_norm",
+    "param_norm",
+    "update_ratio",
+    "step_scale",
+    "wall_time",
+    "step_time",
+)
+
+
+class SweepBase(SQLModel):
+    name: str = Field(default="", max_length=200)
+
+
+class Sweep(SweepBase, table=True):
+    __tablename__ = "sweeps"
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    base_config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    learning_rates: list[float] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class RunBase(SQLModel):
+    name: str = Field(default="", max_length=200, index=True)
+    kind: str = Field(default="train")
+    status: RunStatus = Field(default=RunStatus.queued, index=True)
+    model: str = ""
+    dataset: str = ""
+    learning_rate: float = 0.0
+    batch_size: int = 0
+    optimizer: str = ""
+    sweep_id: int | None = Field(default=None, foreign_key="sweeps.id", index=True)
+
+
+class Run(RunBase, table=True):
+    __tablename__ = "runs"
+    id: int | None = Field(default=None, primary_key=True)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    device: str | None = None
+    pid: int | None = None
+    error: str | None = None
+    error_step: int | None = None
+    # Plan, known once the data is loaded.
+    n_train: int | None = None
+    n_eval: int | None = None
+    updates_per_epoch: int | None = None
+    total_steps: int | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    # Summary numbers, kept current by the trainer at each flush.
+    steps_done: int = 0
+    last_loss: float | None = None
+    best_loss: float | None = None
+    last_eval_loss: float | None = None
+    # The analysis (scores and verdict) computed when the run ends.
+    summary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    verdict: str | None = None
+
+
+class RunPublic(RunBase):
+    id: int
+    config: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    device: str | None
+    error: str | None
+    error_step: int | None
+    n_train: int | None
+    n_eval: int | None
+    updates_per_epoch: int | None
+    total_steps: int | None
+    trainable_params: int | None
+    total_params: int | None
+    steps_done: int
+    last_loss: float | None
+    best_loss: float | None
+    last_eval_loss: float | None
+    summary: dict[str, Any] | None
+    verdict: str | None
+
+
+class StepMetric(SQLModel, table=True):
+    """One wide row per run and optimizer step; WITHOUT ROWID keeps a run's steps contiguous on disk."""
+
+    __tablename__ = "step_metrics"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: int = Field(foreign_key="runs.id", primary_key=True)
+    step: int = Field(primary_key=True)
+    epoch: float
+    samples: int
+    tokens: int
+    loss: float | None
+    lr: float
+    grad_norm: float | None
+    update_norm: float | None
+    param_norm: float | None
+    update_ratio: float | None
+    step_scale: float | None
+    wall_time: float
+    step_time: float
+
+
+class EvalMetric(SQLModel, table=True):
+    __tablename__ = "eval_metrics"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: int = Field(foreign_key="runs.id", primary_key=True)
+    step: int = Field(primary_key=True)
+    eval_loss: float | None
+    wall_time: float
+
+
+class DatasetBase(SQLModel):
+    name: str = Field(max_length=200, index=True)
+    format: str = ""
+    n_rows: int = 0
+    size_bytes: int = 0
+
+
+class Dataset(DatasetBase, table=True):
+    """An uploaded dataset; the file lives under HOME/datasets with a generated name."""
+
+    __tablename__ = "datasets"
+    id: int | None = Field(default=None, primary_key=True)
+    filename: str = Field(unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetPublic(DatasetBase):
+    id: int
+    created_at: datetime
+

@@ -1,0 +1,1 @@
+"""stepscope's training engine: LoRA runs that record every optimizer step."""
