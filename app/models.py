@@ -15,7 +15,12 @@ from sqlmodel import Field, SQLModel
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+    return datetime.now(UTC)
+
+
+def sqlite_time(moment: datetime) -> str:
+    """The text form SQLAlchemy stores for a DateTime in SQLite (for writers that use sqlite3 directly)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 class RunStatus(StrEnum):
