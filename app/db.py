@@ -33,8 +33,9 @@ def make_engine(database_url: str) -> Engine:
 
 def upgrade(database_url: str) -> None:
     """Bring the database to the newest Alembic revision (creating it if needed)."""
-    from alembic import command
     from alembic.config import Config
+
+    from alembic import command
 
     if database_url.startswith("sqlite:///"):
         Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

@@ -176,4 +176,3 @@ class Dataset(DatasetBase, table=True):
 class DatasetPublic(DatasetBase):
     id: int
     created_at: datetime
-

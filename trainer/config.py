@@ -45,13 +45,15 @@ class TrainConfig(BaseModel):
     learning_rate: float = Field(2e-4, description="Step size of each parameter update (peak lr for schedules).")
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated into one optimizer step.")
-    epochs: float = Field(1.0, gt=0, le=10_000, description="Passes over the training set (ignored when max_steps is set).")
+    epochs: float = Field(
+        1.0, gt=0, le=10_000, description="Passes over the training set (ignored when max_steps is set)."
+    )
     max_steps: int | None = Field(
         None, ge=1, le=10_000_000, description="Total optimizer steps; overrides epochs (data cycles as needed)."
     )
     max_seq_len: int = Field(128, ge=8, le=32_768, description="Longest token sequence; longer examples are truncated.")
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
+    lora_alpha: int = Field(16, ge=1, le=100_000, description="LoRA scale numerator: alpha / r (or / sqrt(r)).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(LLAMA_TARGET_MODULES),
@@ -83,7 +85,7 @@ class TrainConfig(BaseModel):
             raise ValueError("must be a finite number > 0")
         return value
 
-    @field_validator("lora_alpha", "weight_decay", "max_grad_norm", "epochs", "momentum", "lora_dropout")
+    @field_validator("weight_decay", "max_grad_norm", "epochs", "momentum", "lora_dropout")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

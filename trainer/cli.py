@@ -1,0 +1,144 @@
+"""`stepscope train`: one run in the foreground (or, with --run-id, a queued run for the job runner)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from app.config import get_settings
+from app.db import upgrade
+from trainer.config import ConfigError, TrainConfig, field_help, load_config_file, make_config
+
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 2, "cancelled": 3}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepscope train",
+        description="Run one LoRA fine-tune in the foreground, recording every optimizer step.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields (flags override it)")
+    parser.add_argument("--run-id", type=int, help="run an existing queued run (used by the server's job runner)")
+    for name, (default, help_text) in field_help().items():
+        shown = ",".join(default) if isinstance(default, list) else default
+        flags = [_flag(name), f"--{name}"] if "_" in name else [_flag(name)]
+        parser.add_argument(*flags, dest=name, metavar="VALUE", help=f"{help_text} (default: {shown})")
+    return parser
+
+
+def _cli_value(name: str, raw: str) -> Any:
+    """Turn a flag's text into what the config field expects; pydantic does the rest of the coercion."""
+    annotation = TrainConfig.model_fields[name].annotation
+    if typing.get_origin(annotation) is list:
+        return [part for part in raw.split(",") if part.strip()]
+    if raw.lower() in ("none", "null", "") and type(None) in typing.get_args(annotation):
+        return None
+    return raw
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        path: Path = args.config
+        if not path.is_file():
+            raise ConfigError("--config", f"no such file: {path}")
+        values.update(load_config_file(path))
+    for name in TrainConfig.model_fields:
+        if hasattr(args, name):
+            values[name] = _cli_value(name, getattr(args, name))
+    try:
+        cfg = make_config(values)
+        check_sources(cfg, get_settings().datasets_dir)
+        return cfg
+    except ConfigError as exc:
+        name = exc.field.split(".")[0]
+        raise ConfigError(_flag(name) if name in TrainConfig.model_fields else exc.field, exc.reason) from None
+
+
+def check_sources(cfg: TrainConfig, datasets_dir: Path) -> None:
+    """Refuse a model or dataset that cannot be loaded before a run is created for it."""
+    from trainer.data import DataError, resolve_dataset
+    from trainer.models import ModelError, check_model
+
+    try:
+        check_model(cfg.model)
+    except ModelError as exc:
+        raise ConfigError("model", str(exc)) from None
+    try:
+        resolve_dataset(cfg.dataset, datasets_dir)
+    except DataError as exc:
+        raise ConfigError("dataset", str(exc)) from None
+
+
+@contextmanager
+def stop_on_signals(stop: Any) -> Iterator[None]:
+    """SIGTERM (cancel from the server) and Ctrl-C finish the current step, then stop cleanly."""
+    previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from trainer.data import DataError
+    from trainer.loop import StopFlag, train
+    from trainer.models import ModelError
+    from trainer.recorder import Recorder, new_run, run_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    upgrade(settings.database_url)
+    try:
+        if hasattr(args, "run_id"):
+            values, status = run_config(settings.db_path, args.run_id)
+            if status != "queued":
+                parser.error(f"--run-id: run {args.run_id} is {status}, not queued")
+            cfg, run_id = make_config(values), args.run_id
+        else:
+            cfg = config_from_args(args)
+            run_id = new_run(settings.database_url, cfg)
+    except ConfigError as exc:
+        parser.error(f"{exc.field}: {exc.reason}")
+    except KeyError:
+        parser.error(f"--run-id: no run {args.run_id}")
+
+    stop = StopFlag()
+    recorder = Recorder(settings.db_path, run_id)
+    progress = None
+    if not hasattr(args, "run_id"):
+        from tqdm import tqdm
+
+        progress = tqdm(desc=f"run {run_id}", unit="step", dynamic_ncols=True)
+    try:
+        with stop_on_signals(stop):
+            outcome = train(cfg, run_id, settings.home, recorder, stop, progress)
+    except (ModelError, DataError, ValueError) as exc:  # bad input found while loading: no traceback
+        print(f"run {run_id}: failed: {exc}", file=sys.stderr)
+        return EXIT_CODES["failed"]
+    finally:
+        if progress is not None:
+            progress.close()
+        recorder.close()
+    detail = f" ({outcome.error})" if outcome.error else ""
+    print(f"run {run_id}: {outcome.status} after {outcome.steps} steps{detail}")
+    return EXIT_CODES[outcome.status]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

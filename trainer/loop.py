@@ -1,0 +1,386 @@
+"""The training loop: LoRA fine-tuning that measures what every optimizer step did to the weights.
+
+Per step it records loss, the lr actually used, the gradient norm before clipping, the update norm
+‖θ_after − θ_before‖ and the parameter norm. For plain SGD the update is exactly lr·grad, so
+`step_scale = update_norm / (lr · grad_norm)` is 1; for Adam it is not, and that is worth seeing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+from trainer.config import TrainConfig
+from trainer.data import Batch, eval_batches, load_examples, plan_steps, step_batches, tokenize
+from trainer.models import add_lora, count_params, load_base
+from trainer.recorder import Recorder
+
+log = logging.getLogger(__name__)
+
+FLUSH_STEPS = 32  # copy metrics to the host at least every this many steps ...
+FLUSH_SECONDS = 0.5  # ... or this often, so a killed job loses at most about a second of rows
+DIVERGE_FACTOR = 4.0  # smoothed loss above this multiple of its best counts as diverged
+SMOOTHING = 0.9  # EMA weight of the divergence guard's smoothed loss (debiased, as in TensorBoard)
+MAX_EVAL_EXAMPLES = 200
+
+
+@dataclass
+class Outcome:
+    status: str  # completed | diverged | cancelled
+    steps: int
+    error: str | None = None
+    error_step: int | None = None
+
+
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    model: Any
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Iterator[list[Batch]]
+    eval_set: list[Batch]
+    updates_per_epoch: int
+    total_steps: int
+    plan: dict[str, Any] = field(default_factory=dict)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes the current step, then stops cleanly."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self, *_: object) -> None:
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+
+# --- setup -----------------------------------------------------------------------------------------
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {cfg.device} requested but no CUDA GPU is available")
+    return torch.device(cfg.device)
+
+
+def pick_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    lr = cfg.range_min_lr if cfg.kind == "lr_range_test" else cfg.learning_rate
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    if cfg.kind == "lr_range_test":
+        # lr grows exponentially from range_min_lr to range_max_lr over the run.
+        ratio = cfg.range_max_lr / cfg.range_min_lr
+        span = max(1, total_steps - 1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: ratio ** (min(t, span) / span))
+    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+
+
+def setup(cfg: TrainConfig, home: Path) -> Setup:
+    """Load data, model and LoRA; build optimizer and schedule. Everything before the first step."""
+    device = pick_device(cfg)
+    train_examples, eval_examples = load_examples(cfg.dataset, home / "datasets", cfg.seed)
+    model, tok = load_base(cfg.model, home / "models")
+    torch.manual_seed(cfg.seed)  # LoRA init and dropout follow the run's seed
+    model = add_lora(model, cfg).to(device)
+    trainable, total = count_params(model)
+    train_enc = [tokenize(e, tok, cfg.max_seq_len) for e in train_examples]
+    eval_enc = [tokenize(e, tok, cfg.max_seq_len) for e in eval_examples[:MAX_EVAL_EXAMPLES]]
+    steps_default = 100 if cfg.kind == "lr_range_test" else None
+    per_epoch, total_steps = plan_steps(
+        len(train_enc), cfg.batch_size, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps or steps_default
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    plan = {
+        "n_train": len(train_enc),
+        "n_eval": len(eval_enc),
+        "updates_per_epoch": per_epoch,
+        "total_steps": total_steps,
+        "trainable_params": trainable,
+        "total_params": total,
+        "device": str(device),
+    }
+    return Setup(
+        cfg=cfg,
+        model=model,
+        device=device,
+        autocast_dtype=pick_precision(cfg, device),
+        params=params,
+        optimizer=optimizer,
+        scheduler=make_scheduler(cfg, optimizer, total_steps),
+        batches=step_batches(train_enc, cfg.batch_size, cfg.grad_accum_steps, tok.pad_token_id, cfg.seed),
+        eval_set=eval_batches(eval_enc, cfg.batch_size, tok.pad_token_id),
+        updates_per_epoch=per_epoch,
+        total_steps=total_steps,
+        plan=plan,
+    )
+
+
+# --- one step ----------------------------------------------------------------------------------------
+
+
+def _forward(s: Setup, batch: Batch) -> torch.Tensor:
+    with torch.autocast(s.device.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
+        out = s.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    return out.loss
+
+
+def forward_backward(s: Setup, micro: list[Batch], scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Accumulate gradients over the step's micro-batches; return their mean loss (on the device)."""
+    s.model.train()
+    total = torch.zeros((), device=s.device)
+    for batch in micro:
+        loss = _forward(s, batch.to(s.device)) / len(micro)
+        scaler.scale(loss).backward()
+        total += loss.detach().float()
+    return total
+
+
+def apply_update(
+    s: Setup, scaler: torch.amp.GradScaler, before: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip, step and measure; returns (grad_norm, update_norm, param_norm) as device scalars."""
+    scaler.unscale_(s.optimizer)
+    grads = [p.grad for p in s.params if p.grad is not None]
+    if s.cfg.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.cfg.max_grad_norm, foreach=True)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    torch._foreach_copy_(before, [p.detach() for p in s.params])
+    scaler.step(s.optimizer)
+    scaler.update()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    # before <- before - after: the update, in place (no new allocations); its norm is ‖θ_after − θ_before‖.
+    torch._foreach_sub_(before, [p.detach() for p in s.params])
+    update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
+    param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in s.params])))
+    return grad_norm.float(), update_norm, param_norm
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> torch.Tensor | None:
+    """Mean eval loss over the held-out set, left on the device."""
+    if not s.eval_set:
+        return None
+    s.model.eval()
+    losses = torch.stack([_forward(s, b.to(s.device)).float() for b in s.eval_set])
+    return losses.mean()
+
+
+# --- recording -----------------------------------------------------------------------------------------
+
+
+class StepBuffer:
+    """Per-step metrics stay on the device; rows reach the host in batches.
+
+    Calling `.item()` on a GPU tensor waits for the GPU to finish every queued kernel; doing that each
+    step would stall the loop. Instead each step writes its device scalars into a device tensor, and
+    one `.tolist()` per flush copies a whole batch of steps at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros((FLUSH_STEPS, 4), device=device)
+        self.host: list[tuple[int, float, int, int, float, float, float]] = []
+        self.evals: list[tuple[int, torch.Tensor, float]] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, device_values: list[torch.Tensor], host_values: tuple[int, float, int, int, float, float, float]):
+        self.values[len(self.host)] = torch.stack(device_values)
+        self.host.append(host_values)
+
+    def due(self) -> bool:
+        return len(self.host) >= FLUSH_STEPS or time.monotonic() - self.last_flush >= FLUSH_SECONDS
+
+    def drain(self) -> tuple[list[tuple[Any, ...]], list[tuple[int, float | None, float]]]:
+        """Copy the batch to the host (the one sync) and return step rows and eval rows."""
+        values = self.values[: len(self.host)].tolist()
+        eval_values = torch.stack([v for _, v, _ in self.evals]).tolist() if self.evals else []
+        rows = []
+        for (step, epoch, samples, tokens, lr, wall, dt), (loss, gn, un, pn) in zip(self.host, values, strict=True):
+            update_ratio = un / pn if pn > 0 else None
+            step_scale = un / (lr * gn) if lr > 0 and gn > 0 and math.isfinite(gn) else None
+            rows.append((step, epoch, samples, tokens, _finite(loss), lr, _finite(gn), _finite(un), _finite(pn),
+                         update_ratio, step_scale, wall, dt))  # fmt: skip
+        evals = [(step, _finite(v), wall) for (step, _, wall), v in zip(self.evals, eval_values, strict=True)]
+        self.host.clear()
+        self.evals.clear()
+        self.last_flush = time.monotonic()
+        return rows, evals
+
+
+def _finite(x: float) -> float | None:
+    """SQLite stores NaN as NULL anyway; say so explicitly (and keep inf out of JSON)."""
+    return x if math.isfinite(x) else None
+
+
+class DivergenceGuard:
+    """Non-finite loss or gradient, or a smoothed loss above DIVERGE_FACTOR × its best."""
+
+    def __init__(self) -> None:
+        self.ema = 0.0
+        self.n = 0
+        self.best = math.inf  # of the smoothed loss
+        self.best_raw = math.inf
+
+    def check(self, step: int, loss: float | None, grad_norm: float | None) -> str | None:
+        if loss is None:
+            return f"loss became non-finite at step {step}"
+        if grad_norm is None:
+            return f"gradient norm became non-finite at step {step}"
+        self.best_raw = min(self.best_raw, loss)
+        self.n += 1
+        self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
+        smoothed = self.ema / (1 - SMOOTHING**self.n)
+        self.best = min(self.best, smoothed)
+        if smoothed > DIVERGE_FACTOR * self.best:
+            return (
+                f"smoothed loss {smoothed:.4g} rose above {DIVERGE_FACTOR:g}× its best ({self.best:.4g}) at step {step}"
+            )
+        return None
+
+
+def flush(buffer: StepBuffer, guard: DivergenceGuard, recorder: Recorder) -> tuple[str, int] | None:
+    """Hand the buffered rows to the writer; return (reason, step) if the run diverged.
+
+    Rows up to and including the first bad step are kept; steps computed after it are dropped.
+    """
+    rows, evals = buffer.drain()
+    problem = None
+    for i, row in enumerate(rows):
+        reason = guard.check(row[0], row[4], row[6])
+        if reason:
+            problem, rows = (reason, row[0]), rows[: i + 1]
+            evals = [e for e in evals if e[0] <= row[0]]
+            break
+    recorder.steps(rows)
+    recorder.evals(evals)
+    if rows:
+        summary: dict[str, Any] = {"steps_done": rows[-1][0], "last_loss": rows[-1][4]}
+        if math.isfinite(guard.best_raw):
+            summary["best_loss"] = guard.best_raw
+        if evals:
+            summary["last_eval_loss"] = evals[-1][1]
+        recorder.update_run(**summary)
+    if recorder.error is not None:
+        raise RuntimeError(f"recording failed: {recorder.error}")
+    return problem
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None) -> Outcome:
+    cfg = s.cfg
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16)
+    before = [p.detach().clone() for p in s.params]
+    buffer, guard = StepBuffer(s.device), DivergenceGuard()
+    samples = tokens = 0
+    start = last = time.perf_counter()
+    step = 0
+    for step in range(1, s.total_steps + 1):
+        micro = next(s.batches)
+        lr = s.scheduler.get_last_lr()[0]  # the rate this update uses (a host float: no sync)
+
+        # forward/backward, then update (all on the device)
+        loss = forward_backward(s, micro, scaler)
+        grad_norm, update_norm, param_norm = apply_update(s, scaler, before)
+
+        # record: host-side counters and device scalars; no .item() here, it would sync the GPU each step
+        samples += sum(b.n_samples for b in micro)
+        tokens += sum(b.n_tokens for b in micro)
+        now = time.perf_counter()
+        buffer.add([loss, grad_norm, update_norm, param_norm],
+                   (step, step / s.updates_per_epoch, samples, tokens, lr, now - start, now - last))  # fmt: skip
+        last = now
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == s.total_steps:
+            eval_loss = evaluate(s)
+            if eval_loss is not None:
+                buffer.evals.append((step, eval_loss, time.perf_counter() - start))
+        if progress is not None:
+            progress.update(1)
+
+        # stop conditions: divergence is checked when a batch of metrics reaches the host
+        if buffer.due() or stop.requested or step == s.total_steps:
+            problem = flush(buffer, guard, recorder)
+            if problem and cfg.kind == "lr_range_test":
+                return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
+            if problem:
+                return Outcome("diverged", problem[1], error=problem[0], error_step=problem[1])
+        if stop.requested:
+            return Outcome("cancelled", step)
+    return Outcome("completed", step)
+
+
+def save_adapter(s: Setup, run_dir: Path) -> Path:
+    target = run_dir / "adapter"
+    s.model.save_pretrained(target)
+    return target
+
+
+# --- a whole run ---------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig, run_id: int, home: Path, recorder: Recorder, stop: StopFlag, progress: Any = None
+) -> Outcome:
+    """Set up, mark the run running, fit, save the adapter, and record how it ended."""
+    import os
+
+    from app.models import RunStatus, utcnow
+
+    try:
+        s = setup(cfg, home)
+    except Exception as exc:
+        recorder.update_run(status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
+        raise
+    recorder.update_run(status=RunStatus.running, started_at=utcnow(), pid=os.getpid(), **s.plan)
+    log.info(
+        "run %d: %d training examples, batch %d x %d accumulation -> %d updates per epoch, %d optimizer steps; "
+        "%d trainable of %d parameters on %s",
+        run_id, s.plan["n_train"], cfg.batch_size, cfg.grad_accum_steps, s.updates_per_epoch, s.total_steps,
+        s.plan["trainable_params"], s.plan["total_params"], s.device,
+    )  # fmt: skip
+    if progress is not None:
+        progress.reset(total=s.total_steps)
+    try:
+        outcome = fit(s, recorder, stop, progress)
+        if outcome.status != "diverged":
+            save_adapter(s, home / "runs" / str(run_id))
+    except Exception as exc:
+        recorder.update_run(status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
+        raise
+    recorder.update_run(
+        status=RunStatus(outcome.status), error=outcome.error, error_step=outcome.error_step, finished_at=utcnow()
+    )
+    return outcome

@@ -1,0 +1,152 @@
+"""Writes a run's rows into the project's SQLite database from one background thread.
+
+The training loop hands over batches of finished rows and never waits for the disk: a single writer
+thread owns the write connection and commits whatever has queued up in one transaction
+(`executemany`), so SQLite sees few, large transactions. WAL lets the server read meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session
+
+from app.db import configure_sqlite, make_engine
+from app.models import STEP_COLUMNS, Run, RunStatus, sqlite_time
+from trainer.config import TrainConfig
+
+_STEP_SQL = (
+    f"INSERT OR REPLACE INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(STEP_COLUMNS) + 2))})"
+)
+_EVAL_SQL = "INSERT OR REPLACE INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)"
+_RUN_COLUMNS = frozenset(Run.model_fields) - {"id"}
+_CLOSE = object()
+
+
+def default_name(cfg: TrainConfig) -> str:
+    return cfg.name or f"{cfg.optimizer} lr={cfg.learning_rate:g} bs={cfg.batch_size}"
+
+
+def new_run(database_url: str, cfg: TrainConfig, *, sweep_id: int | None = None) -> int:
+    """Insert a queued run for `cfg` and return its id."""
+    run = Run(
+        name=default_name(cfg),
+        kind=cfg.kind,
+        model=cfg.model,
+        dataset=cfg.dataset,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        optimizer=cfg.optimizer,
+        sweep_id=sweep_id,
+        config=cfg.model_dump(),
+    )
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            session.add(run)
+            session.commit()
+            assert run.id is not None
+            return run.id
+    finally:
+        engine.dispose()
+
+
+def run_config(db_path: Path, run_id: int) -> tuple[dict[str, Any], str]:
+    """(config dict, status) of an existing run; KeyError if there is none."""
+    with sqlite3.connect(db_path) as conn:
+        configure_sqlite(conn)
+        row = conn.execute("SELECT config, status FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise KeyError(run_id)
+    return json.loads(row[0]), row[1]
+
+
+def _sql_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return sqlite_time(value)
+    if isinstance(value, RunStatus):
+        return value.value
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return value
+
+
+class Recorder:
+    """Queue rows from the training loop; one thread writes them. `close()` drains and joins."""
+
+    def __init__(self, db_path: Path, run_id: int) -> None:
+        self.db_path = db_path
+        self.run_id = run_id
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="stepscope-recorder", daemon=True)
+        self._thread.start()
+
+    # --- called from the training loop -----------------------------------------------------------
+
+    def steps(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows of (step, *STEP_COLUMNS)."""
+        if rows:
+            self._queue.put((_STEP_SQL, [(self.run_id, *row) for row in rows]))
+
+    def evals(self, rows: list[tuple[int, float | None, float]]) -> None:
+        """Rows of (step, eval_loss, wall_time)."""
+        if rows:
+            self._queue.put((_EVAL_SQL, [(self.run_id, *row) for row in rows]))
+
+    def update_run(self, **fields: Any) -> None:
+        """Set columns of this run's row, in order with the rows queued before."""
+        unknown = set(fields) - _RUN_COLUMNS
+        if unknown:
+            raise ValueError(f"runs has no columns {sorted(unknown)}")
+        names = sorted(fields)
+        sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
+        self._queue.put((sql, [(*(_sql_value(fields[n]) for n in names), self.run_id)]))
+
+    def close(self) -> None:
+        self._queue.put(_CLOSE)
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"recording failed: {self.error}") from self.error
+
+    # --- the writer thread -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        configure_sqlite(conn)
+        try:
+            done = False
+            while not done:
+                batch = [self._queue.get()]
+                while True:  # take everything that queued up meanwhile into the same transaction
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is _CLOSE:
+                    batch.pop()
+                    done = True
+                self._write(conn, batch)
+        except BaseException as exc:  # reported by close(); the loop must not die silently
+            self.error = exc
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+        if not batch:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in batch:
+                conn.executemany(sql, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
