@@ -85,6 +85,8 @@ class Run(RunBase, table=True):
     finished_at: datetime | None = None
     device: str | None = None
     pid: int | None = None
+    cancel_requested_at: datetime | None = None
+    """Set by a cancel request; the job runner then stops the job (SIGTERM, then SIGKILL after a grace period)."""
     error: str | None = None
     error_step: int | None = None
     # Plan, known once the data is loaded.
@@ -111,6 +113,7 @@ class RunPublic(RunBase):
     started_at: datetime | None
     finished_at: datetime | None
     device: str | None
+    cancel_requested_at: datetime | None
     error: str | None
     error_step: int | None
     n_train: int | None
