@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_DATASET = "synthetic-arithmetic"
@@ -106,13 +106,21 @@ class TrainConfig(BaseModel):
             raise ValueError("module names must not be empty")
         return [m.strip() for m in value]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        if self.kind == "lr_range_test" and self.range_min_lr >= self.range_max_lr:
-            raise ValueError("range_min_lr must be below range_max_lr")
-        if self.momentum and self.optimizer != "sgd":
-            raise ValueError("momentum applies to the sgd optimizer only")
-        return self
+    # Cross-field checks sit on the later field, so the error names the field a user should change.
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_needs_sgd(cls, value: float, info: ValidationInfo) -> float:
+        if value and info.data.get("optimizer") != "sgd":
+            raise ValueError("applies to the sgd optimizer only (set optimizer to sgd or momentum to 0)")
+        return value
+
+    @field_validator("range_max_lr")
+    @classmethod
+    def _range_ordered(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("range_min_lr")
+        if low is not None and value <= low:
+            raise ValueError("must be above range_min_lr")
+        return value
 
 
 def first_error(exc: ValidationError) -> ConfigError:
