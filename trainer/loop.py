@@ -11,6 +11,7 @@ import logging
 import math
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
+from app.analysis import RangeTestStop, lr_range_suggestions, summarize_run
 from trainer.config import TrainConfig
 from trainer.data import Batch, eval_batches, load_examples, plan_steps, step_batches, tokenize
 from trainer.models import add_lora, count_params, load_base
@@ -28,8 +30,6 @@ log = logging.getLogger(__name__)
 
 FLUSH_STEPS = 32  # copy metrics to the host at least every this many steps ...
 FLUSH_SECONDS = 0.5  # ... or this often, so a killed job loses at most about a second of rows
-DIVERGE_FACTOR = 4.0  # smoothed loss above this multiple of its best counts as diverged
-SMOOTHING = 0.9  # EMA weight of the divergence guard's smoothed loss (debiased, as in TensorBoard)
 MAX_EVAL_EXAMPLES = 200
 
 
@@ -245,12 +245,10 @@ def _finite(x: float) -> float | None:
 
 
 class DivergenceGuard:
-    """Non-finite loss or gradient, or a smoothed loss above DIVERGE_FACTOR × its best."""
+    """Non-finite loss or gradient, or a smoothed loss above 4× its best (the analysis' range-test rule)."""
 
     def __init__(self) -> None:
-        self.ema = 0.0
-        self.n = 0
-        self.best = math.inf  # of the smoothed loss
+        self.smoothed = RangeTestStop()
         self.best_raw = math.inf
 
     def check(self, step: int, loss: float | None, grad_norm: float | None) -> str | None:
@@ -259,18 +257,36 @@ class DivergenceGuard:
         if grad_norm is None:
             return f"gradient norm became non-finite at step {step}"
         self.best_raw = min(self.best_raw, loss)
-        self.n += 1
-        self.ema = SMOOTHING * self.ema + (1 - SMOOTHING) * loss
-        smoothed = self.ema / (1 - SMOOTHING**self.n)
-        self.best = min(self.best, smoothed)
-        if smoothed > DIVERGE_FACTOR * self.best:
-            return (
-                f"smoothed loss {smoothed:.4g} rose above {DIVERGE_FACTOR:g}× its best ({self.best:.4g}) at step {step}"
-            )
+        if self.smoothed.update(loss):
+            s = self.smoothed
+            return f"smoothed loss {s.smoothed:.4g} rose above {s.factor:g}× its best ({s.best:.4g}) at step {step}"
         return None
 
 
-def flush(buffer: StepBuffer, guard: DivergenceGuard, recorder: Recorder) -> tuple[str, int] | None:
+class History:
+    """Host copies of the columns the end-of-run analysis reads (8 bytes per value per step)."""
+
+    COLUMNS = {"loss": 4, "lr": 5, "grad_norm": 6, "update_ratio": 9, "step_scale": 10}  # positions in a step row
+
+    def __init__(self) -> None:
+        self.steps: array[int] = array("q")
+        self.series: dict[str, array[float]] = {c: array("d") for c in self.COLUMNS}
+
+    def extend(self, rows: list[tuple[Any, ...]]) -> None:
+        for row in rows:
+            self.steps.append(row[0])
+            for name, i in self.COLUMNS.items():
+                self.series[name].append(math.nan if row[i] is None else row[i])
+
+    def summary(self, status: str, kind: str) -> dict[str, Any]:
+        series = {k: [None if math.isnan(v) else v for v in col] for k, col in self.series.items()}
+        result = summarize_run(list(self.steps), series, status=status)
+        if kind == "lr_range_test":
+            result["range_test"] = lr_range_suggestions(list(self.series["lr"]), list(self.series["loss"]))
+        return result
+
+
+def flush(buffer: StepBuffer, guard: DivergenceGuard, recorder: Recorder, history: History) -> tuple[str, int] | None:
     """Hand the buffered rows to the writer; return (reason, step) if the run diverged.
 
     Rows up to and including the first bad step are kept; steps computed after it are dropped.
@@ -285,6 +301,7 @@ def flush(buffer: StepBuffer, guard: DivergenceGuard, recorder: Recorder) -> tup
             break
     recorder.steps(rows)
     recorder.evals(evals)
+    history.extend(rows)
     if rows:
         summary: dict[str, Any] = {"steps_done": rows[-1][0], "last_loss": rows[-1][4]}
         if math.isfinite(guard.best_raw):
@@ -300,11 +317,12 @@ def flush(buffer: StepBuffer, guard: DivergenceGuard, recorder: Recorder) -> tup
 # --- the loop ------------------------------------------------------------------------------------------
 
 
-def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None) -> Outcome:
+def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, history: History | None = None) -> Outcome:
     cfg = s.cfg
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16)
     before = [p.detach().clone() for p in s.params]
     buffer, guard = StepBuffer(s.device), DivergenceGuard()
+    history = history if history is not None else History()
     samples = tokens = 0
     start = last = time.perf_counter()
     step = 0
@@ -332,7 +350,7 @@ def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None) -> O
 
         # stop conditions: divergence is checked when a batch of metrics reaches the host
         if buffer.due() or stop.requested or step == s.total_steps:
-            problem = flush(buffer, guard, recorder)
+            problem = flush(buffer, guard, recorder, history)
             if problem and cfg.kind == "lr_range_test":
                 return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
             if problem:
@@ -373,14 +391,21 @@ def train(
     )  # fmt: skip
     if progress is not None:
         progress.reset(total=s.total_steps)
+    history = History()
     try:
-        outcome = fit(s, recorder, stop, progress)
+        outcome = fit(s, recorder, stop, progress, history)
         if outcome.status != "diverged":
             save_adapter(s, home / "runs" / str(run_id))
+        summary = history.summary(outcome.status, cfg.kind)
     except Exception as exc:
         recorder.update_run(status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
         raise
     recorder.update_run(
-        status=RunStatus(outcome.status), error=outcome.error, error_step=outcome.error_step, finished_at=utcnow()
+        status=RunStatus(outcome.status),
+        error=outcome.error,
+        error_step=outcome.error_step,
+        finished_at=utcnow(),
+        summary=summary,
+        verdict=summary.get("verdict"),
     )
     return outcome

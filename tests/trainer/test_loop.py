@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -133,3 +134,15 @@ def test_lr_range_test_grows_lr_exponentially(trained) -> None:
     assert lrs[0] == pytest.approx(1e-5)
     ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
     assert ratios == pytest.approx([10 ** (6 / 30)] * len(ratios), rel=1e-9)
+    suggestion = json.loads(run["summary"])["range_test"]
+    assert 1e-5 <= suggestion["suggested_lr"] <= 10
+    assert len(suggestion["sweep_lrs"]) == 5
+
+
+def test_run_ends_with_analysis_summary(trained) -> None:
+    _, run, rows = trained("--max-steps", "40", "--learning-rate", "1e-2")
+    summary = json.loads(run["summary"])
+    assert summary["n_steps"] == 40
+    assert summary["best_loss"] <= summary["initial_loss"]
+    assert run["verdict"] == summary["verdict"] in ("ok", "too_low", "too_high")
+    assert summary["reason"]
