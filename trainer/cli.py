@@ -80,6 +80,11 @@ def check_sources(cfg: TrainConfig, datasets_dir: Path) -> None:
         resolve_dataset(cfg.dataset, datasets_dir)
     except DataError as exc:
         raise ConfigError("dataset", str(exc)) from None
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{cfg.device} requested but no CUDA GPU is available")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.trainer.conftest import TINY, run_row, steps
 
@@ -82,6 +83,11 @@ def test_kill_loses_at_most_the_last_second(home: Path) -> None:
         (["--model", "no/such-model"], "--model: unknown model 'no/such-model'"),
         (["--dataset", "nope.jsonl"], "--dataset: unknown dataset 'nope.jsonl'"),
         (["--device", "tpu"], "--device: must be auto, cpu, cuda or cuda:N"),
+        pytest.param(
+            ["--device", "cuda:0"],
+            "--device: cuda:0 requested but no CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"),
+        ),
     ],
 )
 def test_bad_values_name_the_flag(home: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str):
