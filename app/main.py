@@ -1,0 +1,111 @@
+"""The app factory: wires settings, the database, the job runner, the routers and the static files."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from app.config import Settings, get_settings
+from app.db import make_engine, upgrade
+from app.jobs import Conflict, JobRunner, NotFound
+from app.routers import datasets, health, metrics, models, runs, sweeps
+from trainer.config import ConfigError
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+MULTIPART_ALLOWANCE = 64 * 1024  # a request body may exceed the upload limit by the multipart framing
+# Errors of the trainer's loaders, by module: looked up lazily, because importing them imports torch.
+INPUT_ERRORS = {"trainer.models": ("ModelError", "model"), "trainer.data": ("DataError", "dataset")}
+
+DESCRIPTION = """
+Start LoRA fine-tuning runs and learning-rate sweeps, follow them live, and read every optimizer
+step's metrics (JSON, downsampled JSON that keeps spikes, CSV, or Server-Sent Events).
+
+With `STEPSCOPE_TOKEN` set, calls that change state need `Authorization: Bearer <token>` (and, on a
+public address, every call does).
+"""
+
+
+def _unprocessable(loc: list[str | int], message: str, **extra: object) -> JSONResponse:
+    detail = {"loc": loc, "msg": message, "type": "value_error", **extra}
+    return JSONResponse({"detail": [detail]}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+async def _bad_input(request: Request, exc: Exception) -> JSONResponse:
+    """Invalid input found past request validation (an unknown model or dataset, a bad file): 422."""
+    if isinstance(exc, ConfigError):
+        return _unprocessable(["body", *exc.field.split(".")], exc.reason)
+    for module_name, (class_name, field) in INPUT_ERRORS.items():
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(exc, getattr(module, class_name)):
+            return _unprocessable(["body", field], str(exc), **{k: getattr(exc, k, None) for k in ("line", "field")})
+    raise exc  # any other ValueError is a bug: a 500
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+
+async def _conflict(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+
+def _plotly_js() -> Path:
+    spec = importlib.util.find_spec("plotly")  # found, not imported: importing plotly takes a while
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the plotly package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
+
+
+def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> FastAPI:
+    """The stepscope app. `run_jobs=False` leaves queued runs queued (tests that must not train)."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+    runner = JobRunner(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(upgrade, settings.database_url)
+        if run_jobs:
+            await run_in_threadpool(runner.start)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runner.stop)
+            engine.dispose()
+
+    app = FastAPI(
+        title="stepscope",
+        summary="LoRA fine-tuning runs, every optimizer step recorded",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.max_upload_bytes + MULTIPART_ALLOWANCE,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.runner = runner
+    for module in (runs, sweeps, metrics, datasets, models, health):
+        app.include_router(module.router)
+    if importlib.util.find_spec("app.pages") is not None:
+        from app import pages
+
+        app.include_router(pages.router)
+    plotly_js = _plotly_js()
+
+    @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
+    def plotly() -> FileResponse:
+        return FileResponse(plotly_js, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    app.add_exception_handler(ValueError, _bad_input)
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(Conflict, _conflict)
+    return app
