@@ -1,0 +1,257 @@
+// Compare and sweep pages: runs overlaid, coloured by learning rate (log scale), with linked panels for
+// lr, gradient norm, update ratio and step scale. Runs still going are polled once a second.
+"use strict";
+
+(() => {
+  const S = Stepscope;
+  const page = S.pageData();
+  const KEYS = ["loss", "lr", "grad_norm", "update_ratio", "step_scale", "epoch", "samples", "wall_time"];
+  // Stacked panels sharing one x axis, so zooming one zooms all. `size` is the share of the height.
+  const PANELS = [
+    { key: "loss", title: "loss", size: 0.4 },
+    { key: "lr", title: "lr", size: 0.15, log: true },
+    { key: "grad_norm", title: "‖g‖", size: 0.15, log: true },
+    { key: "update_ratio", title: "‖Δw‖/‖w‖", size: 0.15, log: true },
+    { key: "step_scale", title: "‖Δw‖/(lr·‖g‖)", size: 0.15, log: true, one: true },
+  ];
+  const X_TITLES = { step: "step", epoch: "epoch", samples: "samples seen", wall_time: "wall time (s)" };
+  const controls = {
+    smoothing: document.getElementById("smoothing"),
+    smoothingValue: document.getElementById("smoothing-value"),
+    xAxis: document.getElementById("x-axis"),
+    logY: document.getElementById("log-y"),
+  };
+  const runs = page.runs.map((r) => ({ ...r, steps: [], series: Object.fromEntries(KEYS.map((k) => [k, []])) }));
+  const range = S.lrRange(runs.map((r) => r.lr));
+  for (const r of runs) r.color = S.lrColor(r.lr, range);
+
+  function label(run) {
+    return `lr ${S.fmtLr(run.lr)} · ${run.name}`;
+  }
+
+  function xs(run) {
+    const key = controls.xAxis.value;
+    return key === "step" ? run.steps : run.series[key];
+  }
+
+  function runTraces(run, weight) {
+    const x = xs(run);
+    const out = [];
+    PANELS.forEach((p, i) => {
+      const common = { x, mode: "lines", xaxis: "x", yaxis: i ? `y${i + 1}` : "y", legendgroup: String(run.id), name: label(run) };
+      if (p.key === "loss") {
+        if (weight > 0) {
+          out.push({ ...common, y: run.series.loss, showlegend: false, hoverinfo: "skip", opacity: 0.2, line: { color: run.color, width: 1 } });
+        }
+        out.push({ ...common, y: S.smooth(run.series.loss, weight), showlegend: true, line: { color: run.color, width: 2 } });
+      } else {
+        out.push({ ...common, y: run.series[p.key], showlegend: false, line: { color: run.color, width: 1.5 } });
+      }
+    });
+    return out;
+  }
+
+  /** An invisible trace whose only job is the colour bar: log10(lr) with the runs' rates as ticks. */
+  function colorbarTrace() {
+    const rates = [...new Set(runs.map((r) => r.lr))];
+    return {
+      x: [null, null],
+      y: [null, null],
+      mode: "markers",
+      showlegend: false,
+      hoverinfo: "skip",
+      marker: {
+        color: range,
+        cmin: range[0],
+        cmax: range[1],
+        colorscale: S.COLORSCALE,
+        showscale: true,
+        colorbar: {
+          title: { text: "lr" },
+          tickvals: rates.map(Math.log10),
+          ticktext: rates.map(S.fmtLr),
+          len: PANELS[0].size,
+          y: 1,
+          yanchor: "top",
+          thickness: 12,
+        },
+      },
+    };
+  }
+
+  function layout() {
+    const gap = 0.03;
+    let top = 1;
+    const lay = S.baseLayout({
+      height: 900,
+      margin: { l: 70, r: 20, t: 20, b: 50 },
+      hovermode: "closest",
+      legend: { orientation: "h", x: 0, y: -0.06, yanchor: "top" },
+      xaxis: { title: { text: X_TITLES[controls.xAxis.value] }, anchor: `y${PANELS.length}` },
+      shapes: [],
+    });
+    PANELS.forEach((p, i) => {
+      const bottom = Math.max(0, top - p.size + (i ? gap / 2 : 0));
+      const log = p.key === "loss" ? controls.logY.checked : p.log;
+      lay[i ? `yaxis${i + 1}` : "yaxis"] = {
+        domain: [bottom, top - (i ? gap / 2 : 0)],
+        type: log ? "log" : "linear",
+        title: { text: p.title },
+        exponentformat: "power",
+        anchor: "x",
+      };
+      if (p.one) {
+        lay.shapes.push({ type: "line", xref: "paper", yref: `y${i + 1}`, x0: 0, x1: 1, y0: 1, y1: 1, line: { dash: "dot", color: "#888" } });
+      }
+      top = bottom - gap / 2;
+    });
+    return lay;
+  }
+
+  function draw() {
+    const weight = Number(controls.smoothing.value);
+    const data = runs.flatMap((r) => runTraces(r, weight));
+    data.push(colorbarTrace());
+    Plotly.react("chart-compare", data, layout(), S.plotConfig);
+    if (page.sweep !== null) drawValley();
+  }
+
+  // --- sweep: final loss against learning rate -----------------------------------------------------
+
+  function drawValley() {
+    const sorted = [...runs].sort((a, b) => a.lr - b.lr);
+    const ok = sorted.filter((r) => Number.isFinite(r.final_loss) && !["diverged", "failed"].includes(r.status));
+    const bad = sorted.filter((r) => !ok.includes(r));
+    const finite = ok.map((r) => r.final_loss);
+    const top = finite.length ? Math.max(...finite) : 1;
+    const traces = [
+      {
+        x: ok.map((r) => r.lr),
+        y: ok.map((r) => r.final_loss),
+        text: ok.map((r) => `${r.name} (${r.status})`),
+        mode: "lines+markers",
+        name: "final loss",
+        marker: { size: 10, color: ok.map((r) => r.color) },
+        line: { color: "#999" },
+      },
+      {
+        x: ok.map((r) => r.lr),
+        y: ok.map((r) => r.best_loss),
+        mode: "lines+markers",
+        name: "best loss",
+        line: { color: "#bbb", dash: "dot" },
+        marker: { size: 6, color: "#bbb" },
+      },
+    ];
+    if (bad.length) {
+      traces.push({
+        x: bad.map((r) => r.lr),
+        y: bad.map(() => top),
+        text: bad.map((r) => `${r.name}: ${r.status}`),
+        mode: "markers",
+        name: "diverged / failed",
+        marker: { symbol: "x", size: 12, color: "#d62728" },
+      });
+    }
+    const lay = S.baseLayout({
+      title: { text: "Final loss against learning rate", font: { size: 14 } },
+      height: 340,
+      hovermode: "closest",
+      xaxis: { type: "log", title: { text: "learning rate" }, exponentformat: "power" },
+      yaxis: { type: controls.logY.checked ? "log" : "linear", title: { text: "loss" } },
+      legend: { orientation: "h", y: -0.3 },
+      shapes: [],
+    });
+    const a = page.analysis || {};
+    if (a.ok_range) {
+      lay.shapes.push({ type: "rect", xref: "x", yref: "paper", x0: a.ok_range[0], x1: a.ok_range[1], y0: 0, y1: 1, fillcolor: "#2ca02c", opacity: 0.08, line: { width: 0 } });
+    }
+    if (a.recommended_lr) {
+      lay.shapes.push({ type: "line", xref: "x", yref: "paper", x0: a.recommended_lr, x1: a.recommended_lr, y0: 0, y1: 1, line: { color: "#2ca02c", dash: "dash" } });
+    }
+    Plotly.react("chart-valley", traces, lay, S.plotConfig);
+  }
+
+  // --- table --------------------------------------------------------------------------------------
+
+  function median(values) {
+    const v = values.filter((x) => x !== null && Number.isFinite(x)).sort((a, b) => a - b);
+    if (!v.length) return null;
+    const mid = Math.floor(v.length / 2);
+    return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
+  }
+
+  function updateRow(run) {
+    const row = document.querySelector(`#compare-table tr[data-run-id="${run.id}"]`);
+    if (!row) return;
+    row.querySelector(".swatch").style.background = run.color;
+    if (run.live || row.querySelector(".cell-step-scale").textContent === "—") {
+      // Before the analysis exists: the median of the plotted (possibly downsampled) values.
+      row.querySelector(".cell-step-scale").textContent = S.fmtNum(median(run.series.step_scale), 3);
+    }
+    if (run.live) {
+      S.setBadge(row.querySelector(".cell-status"), run.status);
+      row.querySelector(".cell-steps").textContent = `${run.steps_done} / ${run.total_steps || "?"}`;
+      row.querySelector(".cell-last-loss").textContent = S.fmtNum(run.final_loss);
+      row.querySelector(".cell-best-loss").textContent = S.fmtNum(run.best_loss);
+    }
+  }
+
+  // --- data ---------------------------------------------------------------------------------------
+
+  function append(run, batch) {
+    run.steps.push(...batch.steps);
+    for (const k of KEYS) run.series[k].push(...(batch.series[k] || batch.steps.map(() => null)));
+  }
+
+  async function load() {
+    const q = new URLSearchParams({ ids: runs.map((r) => r.id).join(","), keys: KEYS.join(","), max_points: "1000" });
+    const answer = await S.getJSON(`/api/compare?${q}`);
+    for (const item of answer.runs) {
+      const run = runs.find((r) => r.id === item.id);
+      if (run) append(run, item);
+    }
+  }
+
+  async function pollRun(run) {
+    const info = await S.getJSON(`/api/runs/${run.id}`);
+    const q = new URLSearchParams({ keys: KEYS.join(",") });
+    if (run.steps.length) q.set("since_step", run.steps[run.steps.length - 1]);
+    append(run, await S.getJSON(`/api/runs/${run.id}/metrics?${q}`));
+    Object.assign(run, {
+      live: true,
+      status: info.status,
+      steps_done: info.steps_done,
+      total_steps: info.total_steps,
+      final_loss: info.last_loss,
+      best_loss: info.best_loss,
+      finished: S.FINISHED.has(info.status),
+    });
+    updateRow(run);
+  }
+
+  async function poll() {
+    const active = runs.filter((r) => !r.finished);
+    await Promise.all(active.map(pollRun));
+    draw();
+    const still = runs.filter((r) => !r.finished).length;
+    document.getElementById("live-note").textContent = still ? `${still} run${still > 1 ? "s" : ""} still going: updating live` : "";
+    return still > 0;
+  }
+
+  async function start() {
+    await load();
+    draw();
+    runs.forEach(updateRow);
+    controls.smoothing.addEventListener("input", () => {
+      controls.smoothingValue.textContent = Number(controls.smoothing.value).toFixed(2);
+      draw();
+    });
+    controls.xAxis.addEventListener("change", draw);
+    controls.logY.addEventListener("change", draw);
+    document.body.dataset.ready = "true"; // for tests and bench/ui.py: the charts are drawn
+    if (runs.some((r) => !r.finished)) S.every(1000, poll);
+  }
+
+  start().catch((err) => console.warn(err));
+})();
