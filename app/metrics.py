@@ -4,10 +4,10 @@ Reads go through raw sqlite3 cursors with only the requested columns; no ORM obj
 metric rows. When every point is wanted, SQLite itself writes the JSON arrays (`json_group_array`),
 which is several times faster than turning 20,000 rows into Python floats and encoding them again.
 
-Downsampling is min/max per bucket ("M4" without first/last): for each bucket of consecutive steps
-and each requested series, the steps holding the bucket's smallest and largest value are kept, plus
-the run's first and last step. A single spike among 100,000 steps is therefore always in the answer,
-where a stride or an average would drop or flatten it.
+Downsampling is min/max per bucket: for each bucket of consecutive steps and each requested series,
+the steps holding the bucket's smallest and largest value are kept, plus the first and last step.
+A single spike among 100,000 steps is therefore always in the answer, where a stride or an average
+would drop or flatten it. SQLite picks those steps itself, so the dropped rows never reach Python.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from app.models import STEP_COLUMNS
 
@@ -70,9 +68,41 @@ def _finite(values: Sequence[Any]) -> list[Any]:
 # --- reading -----------------------------------------------------------------------------------------
 
 
+def _step_keys(keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if k != EVAL_KEY]  # names from METRIC_KEYS only, never from the request
+
+
+@dataclass
+class _Span:
+    n: int
+    """Steps that have a value of some requested key (an upper bound when evals are requested)."""
+    first: int | None
+    last: int | None
+    eval_only: int
+    """Eval rows at steps without a step row (an eval before the first step), when step keys are asked too."""
+
+
+def _span(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> _Span:
+    n, first, last, eval_only = 0, None, None, 0
+    if _step_keys(keys):
+        sql = "SELECT count(*), min(step), max(step) FROM step_metrics WHERE run_id = ? AND step > ?"
+        n, first, last = conn.execute(sql, (run_id, since)).fetchone()
+    if EVAL_KEY in keys:
+        sql = "SELECT count(*), min(step), max(step) FROM eval_metrics e WHERE run_id = ? AND step > ?"
+        if _step_keys(keys):
+            sql += " AND NOT EXISTS (SELECT 1 FROM step_metrics s WHERE s.run_id = e.run_id AND s.step = e.step)"
+        count, eval_first, eval_last = conn.execute(sql, (run_id, since)).fetchone()
+        if count:
+            n += count
+            first = eval_first if first is None else min(first, eval_first)
+            last = eval_last if last is None else max(last, eval_last)
+            eval_only = count if _step_keys(keys) else 0
+    return _Span(n, first, last, eval_only)
+
+
 def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> tuple[list[int], dict[str, list]]:
-    """Steps after `since` and the requested columns, eval_loss merged in by step."""
-    step_keys = [k for k in keys if k != EVAL_KEY]  # names from METRIC_KEYS only, never from the request
+    """Every step after `since` with the requested columns, eval_loss merged in by step."""
+    step_keys = _step_keys(keys)
     steps: list[int] = []
     columns: dict[str, list[Any]] = {}
     if step_keys:
@@ -86,7 +116,7 @@ def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int
         evals: dict[int, Any] = dict(conn.execute(sql, (run_id, since)).fetchall())
         if not step_keys:
             steps = list(evals)
-        elif not evals.keys() <= set(steps):  # evals at steps without a step row (rare): take the union
+        elif not evals.keys() <= set(steps):  # evals at steps without a step row: take the union
             merged = sorted(set(steps).union(evals))
             position = {s: i for i, s in enumerate(merged)}
             for k in step_keys:
@@ -99,30 +129,55 @@ def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int
     return steps, {k: columns[k] for k in keys}
 
 
-def extreme_indices(columns: Sequence[Sequence[float | None]], max_points: int) -> list[int]:
-    """Indices to keep so that each column's min and max of every bucket survive (first and last too).
+def _extreme_steps(
+    conn: sqlite3.Connection, run_id: int, keys: Sequence[str], span: _Span, max_points: int
+) -> list[int]:
+    """The first and last step, and for each bucket of steps and each key the steps of its min and max.
 
-    The buckets are sized so that the answer holds at most `max_points` indices (at least one bucket).
+    SQLite does the work: each bucket is a primary-key range, and `SELECT step, min(x)` takes `step`
+    from the row holding the minimum, so no row reaches Python unless it is kept.
     """
-    n = len(columns[0]) if columns else 0
-    if n <= max_points:
-        return list(range(n))
-    n_buckets = max(1, (max_points - 2) // (2 * len(columns)))
-    width = math.ceil(n / n_buckets)
-    n_buckets = math.ceil(n / width)
-    starts = np.arange(n_buckets) * width
-    keep = [np.array([0, n - 1])]
-    for column in columns:
-        values = np.full(n_buckets * width, np.nan)
-        values[:n] = np.array(column, dtype=float)  # None -> nan
-        grid = values.reshape(n_buckets, width)
-        missing = np.isnan(grid)
-        has_values = ~missing.all(axis=1)
-        low = np.where(missing, np.inf, grid).argmin(axis=1)
-        high = np.where(missing, -np.inf, grid).argmax(axis=1)
-        keep.append((starts + low)[has_values])
-        keep.append((starts + high)[has_values])
-    return [int(i) for i in np.unique(np.concatenate(keep))]
+    assert span.first is not None and span.last is not None
+    n_buckets = max(1, (max_points - 2) // (2 * len(keys)))
+    width = max(1, math.ceil((span.last - span.first + 1) / n_buckets))
+    picks = []
+    for key in keys:  # from METRIC_KEYS only
+        table = "eval_metrics" if key == EVAL_KEY else "step_metrics"
+        for extreme in ("min", "max"):
+            picks.append(
+                f"(SELECT step FROM (SELECT step, {extreme}({key}) FROM {table} "
+                "WHERE run_id = :run AND step >= b.lo AND step < b.lo + :width))"
+            )
+    sql = (
+        "WITH RECURSIVE b(lo) AS (SELECT :first UNION ALL SELECT lo + :width FROM b WHERE lo + :width <= :last) "
+        f"SELECT {', '.join(picks)} FROM b"
+    )
+    params = {"run": run_id, "first": span.first, "last": span.last, "width": width}
+    kept = {span.first, span.last}
+    for row in conn.execute(sql, params):
+        kept.update(step for step in row if step is not None)
+    return sorted(kept)
+
+
+def _values_at(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], steps: list[int]) -> dict[str, list]:
+    """The requested keys' values at the given steps (None where there is none)."""
+    wanted = json.dumps(steps)
+    columns: dict[str, list[Any]] = {}
+    step_keys = _step_keys(keys)
+    if step_keys:
+        sql = (
+            f"SELECT step, {', '.join(step_keys)} FROM step_metrics "
+            "WHERE run_id = ? AND step IN (SELECT value FROM json_each(?))"
+        )
+        rows = {row[0]: row for row in conn.execute(sql, (run_id, wanted))}
+        missing = (None,) * (len(step_keys) + 1)
+        for i, key in enumerate(step_keys, start=1):
+            columns[key] = [rows.get(s, missing)[i] for s in steps]
+    if EVAL_KEY in keys:
+        sql = "SELECT step, eval_loss FROM eval_metrics WHERE run_id = ? AND step IN (SELECT value FROM json_each(?))"
+        evals = dict(conn.execute(sql, (run_id, wanted)).fetchall())
+        columns[EVAL_KEY] = [evals.get(s) for s in steps]
+    return {k: columns[k] for k in keys}
 
 
 def read_metrics(
@@ -133,27 +188,35 @@ def read_metrics(
     max_points: int | None = None,
 ) -> Metrics:
     """A run's series as Python lists (None for missing or non-finite values)."""
-    steps, columns = _load(conn, run_id, keys, -1 if since_step is None else since_step)
-    downsampled = max_points is not None and len(steps) > max_points
-    if max_points is not None and downsampled:
-        keep = extreme_indices(list(columns.values()), max_points)
-        steps = [steps[i] for i in keep]
-        columns = {k: [v[i] for i in keep] for k, v in columns.items()}
+    since = -1 if since_step is None else since_step
+    span = _span(conn, run_id, keys, since)
+    if max_points is not None and span.n > max_points:
+        steps = _extreme_steps(conn, run_id, keys, span, max_points)
+        columns = _values_at(conn, run_id, keys, steps)
+    else:
+        steps, columns = _load(conn, run_id, keys, since)
+    downsampled = len(steps) < span.n
     return Metrics(run_id, steps, {k: _finite(v) for k, v in columns.items()}, downsampled)
 
 
-def _count(conn: sqlite3.Connection, run_id: int, since: int) -> int:
-    sql = "SELECT count(*) FROM step_metrics WHERE run_id = ? AND step > ?"
-    count: int = conn.execute(sql, (run_id, since)).fetchone()[0]
-    return count
-
-
 def _json_by_sqlite(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> str:
-    """The `"steps":..,"series":{..}` members, every point, with the arrays written by SQLite."""
-    arrays = [f"json_group_array(step{_IN_STEP_ORDER})"]
+    """The `"steps":..,"series":{..}` members, every point, with the arrays written by SQLite.
+
+    Only when every eval row has a step row (the usual case): evals then join the step rows.
+    """
+    step_keys = _step_keys(keys)
+    if step_keys:
+        source = "step_metrics s" + (
+            " LEFT JOIN eval_metrics e ON e.run_id = s.run_id AND e.step = s.step" if EVAL_KEY in keys else ""
+        )
+        main = "s"
+    else:
+        source, main = "eval_metrics e", "e"
+    arrays = [f"json_group_array({main}.step{_IN_STEP_ORDER})"]
     for key in keys:  # from METRIC_KEYS only; inf has no JSON form, so it becomes null like NaN
-        arrays.append(f"json_group_array(CASE WHEN abs({key}) <= {_FLOAT_MAX} THEN {key} END{_IN_STEP_ORDER})")
-    sql = f"SELECT {', '.join(arrays)} FROM step_metrics WHERE run_id = ? AND step > ?"
+        ref = f"e.{key}" if key == EVAL_KEY else f"s.{key}"
+        arrays.append(f"json_group_array(CASE WHEN abs({ref}) <= {_FLOAT_MAX} THEN {ref} END{_IN_STEP_ORDER})")
+    sql = f"SELECT {', '.join(arrays)} FROM {source} WHERE {main}.run_id = ? AND {main}.step > ?"
     steps, *series = conn.execute(sql, (run_id, since)).fetchone()
     members = ",".join(f"{json.dumps(k)}:{v}" for k, v in zip(keys, series, strict=True))
     return f'"steps":{steps},"series":{{{members}}},"downsampled":false'
@@ -168,7 +231,8 @@ def metrics_members(
 ) -> str:
     """The JSON members `"steps":[..],"series":{..},"downsampled":..` of a run's metrics, built fast."""
     since = -1 if since_step is None else since_step
-    if EVAL_KEY not in keys and (max_points is None or _count(conn, run_id, since) <= max_points):
+    span = _span(conn, run_id, keys, since)
+    if (max_points is None or span.n <= max_points) and not span.eval_only:
         return _json_by_sqlite(conn, run_id, keys, since)
     metrics = read_metrics(conn, run_id, keys, since_step, max_points)
     body = json.dumps({"steps": metrics.steps, "series": metrics.series, "downsampled": metrics.downsampled})

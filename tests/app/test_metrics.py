@@ -1,0 +1,225 @@
+"""Metric reads (app.metrics): exact series, spike-keeping downsampling, eval merge, CSV, speed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from app.config import Settings
+from app.db import configure_sqlite
+from app.metrics import (
+    METRIC_KEYS,
+    UnknownKeys,
+    compare_json,
+    iter_csv,
+    metrics_json,
+    new_rows,
+    parse_keys,
+    read_metrics,
+)
+from app.models import STEP_COLUMNS
+
+MARKS = ", ".join("?" * (len(STEP_COLUMNS) + 2))
+STEP_SQL = f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({MARKS})"
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(settings.db_path, isolation_level=None)
+    configure_sqlite(conn)
+    yield conn
+    conn.close()
+
+
+def add_run(db: sqlite3.Connection, name: str = "run", lr: float = 1e-3) -> int:
+    sql = (
+        "INSERT INTO runs (name, kind, status, model, dataset, learning_rate, batch_size, optimizer, config, "
+        "created_at, steps_done) VALUES (?, 'train', 'completed', 'tiny-random-llama', 'synthetic-arithmetic', ?, 8, "
+        "'adamw', '{}', '2026-01-01 00:00:00.000000', 0)"
+    )
+    run_id = db.execute(sql, (name, lr)).lastrowid
+    assert run_id is not None
+    return run_id
+
+
+def step_row(run_id: int, step: int, loss: float | None) -> tuple[object, ...]:
+    # epoch, samples, tokens, loss, lr, grad_norm, update_norm, param_norm, update_ratio, step_scale, wall, step_time
+    return (run_id, step, step / 100, step * 8, step * 100, loss, 1e-3, 0.5, 0.01, 4.0, 0.0025, 1.0, step * 0.05, 0.05)
+
+
+def add_steps(db: sqlite3.Connection, run_id: int, losses: list[float | None], first: int = 1) -> None:
+    db.execute("BEGIN")
+    db.executemany(STEP_SQL, [step_row(run_id, first + i, v) for i, v in enumerate(losses)])
+    db.execute("COMMIT")
+
+
+def test_parse_keys_validates_against_the_step_columns_and_eval_loss() -> None:
+    assert parse_keys(None) == ["loss"]
+    assert parse_keys(" loss, lr ,loss,") == ["loss", "lr"]
+    assert parse_keys("eval_loss") == ["eval_loss"]
+    with pytest.raises(UnknownKeys) as err:
+        parse_keys("loss,bogus,step;drop")
+    assert err.value.unknown == ["bogus", "step;drop"]
+    assert "bogus" in str(err.value) and "grad_norm" in str(err.value)
+    assert set(METRIC_KEYS) == {*STEP_COLUMNS, "eval_loss"}
+
+
+def test_every_step_comes_back_exactly_and_in_order(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    other = add_run(db, "other")
+    losses = [random.Random(1).uniform(0.5, 3.0) for _ in range(500)]
+    order = list(range(500))
+    random.Random(2).shuffle(order)  # rows arrive out of order: the answer must still be in step order
+    db.execute("BEGIN")
+    db.executemany(STEP_SQL, [step_row(run_id, i + 1, losses[i]) for i in order])
+    db.execute("COMMIT")
+    add_steps(db, other, [9.0] * 10)
+
+    body = json.loads(metrics_json(db, run_id, ["loss", "lr", "tokens"]))
+    assert body["run_id"] == run_id and body["downsampled"] is False
+    assert body["steps"] == list(range(1, 501))
+    assert body["series"]["loss"] == pytest.approx(losses, rel=1e-14)
+    assert body["series"]["lr"] == [1e-3] * 500
+    assert body["series"]["tokens"] == [s * 100 for s in range(1, 501)]
+    tail = json.loads(metrics_json(db, run_id, ["loss"], since_step=495))
+    assert tail["steps"] == [496, 497, 498, 499, 500]
+    python = read_metrics(db, run_id, ["loss", "lr", "tokens"])
+    assert python.steps == body["steps"] and python.series["lr"] == body["series"]["lr"]
+
+
+def test_non_finite_values_become_null(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    add_steps(db, run_id, [1.0, math.inf, None, -math.inf, 2.0])
+    body = json.loads(metrics_json(db, run_id, ["loss"]))  # strict JSON: no Infinity tokens
+    assert body["series"]["loss"] == [1.0, None, None, None, 2.0]
+    assert read_metrics(db, run_id, ["loss"]).series["loss"] == [1.0, None, None, None, 2.0]
+    small = json.loads(metrics_json(db, run_id, ["loss"], max_points=3))
+    assert small["downsampled"] is True and small["steps"][0] == 1 and small["steps"][-1] == 5
+
+
+def test_a_single_spike_among_100000_steps_survives_a_1000_point_answer(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    rng = random.Random(0)
+    losses: list[float | None] = [2.0 - i * 1e-5 + rng.uniform(-0.01, 0.01) for i in range(100_000)]
+    spike_step, dip_step = 61_237, 12_345
+    losses[spike_step - 1] = 50.0
+    losses[dip_step - 1] = -3.0
+    add_steps(db, run_id, losses)
+
+    body = json.loads(metrics_json(db, run_id, ["loss"], max_points=1000))
+    assert body["downsampled"] is True
+    assert len(body["steps"]) <= 1000
+    assert len(body["steps"]) > 900  # the budget is used, not wasted
+    assert body["steps"] == sorted(body["steps"])
+    assert body["steps"][0] == 1 and body["steps"][-1] == 100_000
+    points = dict(zip(body["steps"], body["series"]["loss"], strict=True))
+    assert points[spike_step] == 50.0
+    assert points[dip_step] == -3.0
+    assert max(body["series"]["loss"]) == 50.0
+
+    # with several keys the budget is shared, and each key's spikes still survive
+    two = json.loads(metrics_json(db, run_id, ["loss", "lr"], max_points=1000))
+    assert len(two["steps"]) <= 1000 and 50.0 in two["series"]["loss"]
+
+
+def test_downsampling_keeps_min_and_max_of_each_bucket(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    losses: list[float | None] = [0.0] * 20
+    losses[3], losses[15], losses[9] = 5.0, -5.0, None
+    add_steps(db, run_id, losses)
+    small = read_metrics(db, run_id, ["loss"], max_points=6)  # (6 - 2) // 2 = 2 buckets of 10 steps
+    assert small.downsampled is True and len(small.steps) <= 6
+    assert {1, 20, 4, 16} <= set(small.steps)
+    assert dict(zip(small.steps, small.series["loss"], strict=True))[4] == 5.0
+    assert read_metrics(db, run_id, ["loss"], max_points=20).downsampled is False
+    assert len(read_metrics(db, run_id, ["loss"], max_points=20).steps) == 20
+
+
+def test_eval_loss_is_merged_by_step(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    add_steps(db, run_id, [3.0, 2.0, 1.5, 1.2])
+    evals = [(run_id, 0, 3.5, 0.0), (run_id, 2, 2.5, 0.1), (run_id, 4, 1.4, 0.2)]
+    db.executemany("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)", evals)
+
+    both = json.loads(metrics_json(db, run_id, ["loss", "eval_loss"]))
+    assert both["steps"] == [0, 1, 2, 3, 4]  # the eval before the first step is kept
+    assert both["series"]["loss"] == [None, 3.0, 2.0, 1.5, 1.2]
+    assert both["series"]["eval_loss"] == [3.5, None, 2.5, None, 1.4]
+    only = json.loads(metrics_json(db, run_id, ["eval_loss"]))
+    assert only["steps"] == [0, 2, 4] and only["series"]["eval_loss"] == [3.5, 2.5, 1.4]
+
+    steps, evals_after = new_rows(db, run_id, after_step=1, limit=2)
+    assert steps.steps == [2, 3] and steps.series["loss"] == [2.0, 1.5]
+    assert evals_after.steps == [2]  # evals past the last step row sent wait for the next batch
+
+
+def test_eval_loss_is_downsampled_with_its_spikes(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    add_steps(db, run_id, [2.0] * 5000)
+    evals = [(run_id, s, 9.0 if s == 2470 else 1.0, 0.0) for s in range(10, 5001, 10)]
+    db.executemany("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)", evals)
+    body = json.loads(metrics_json(db, run_id, ["loss", "eval_loss"], max_points=200))
+    assert body["downsampled"] is True and len(body["steps"]) <= 200
+    points = dict(zip(body["steps"], body["series"]["eval_loss"], strict=True))
+    assert points[2470] == 9.0
+    assert set(body["series"]["loss"]) == {2.0}
+    full = json.loads(metrics_json(db, run_id, ["loss", "eval_loss"]))  # evals join the step rows
+    assert len(full["steps"]) == 5000 and full["series"]["eval_loss"][2469] == 9.0
+    assert full["series"]["eval_loss"][2468] is None
+
+
+def test_csv_has_every_step_and_every_column(db: sqlite3.Connection) -> None:
+    run_id = add_run(db)
+    add_steps(db, run_id, [float(i) for i in range(1, 12_001)])
+    db.execute("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, 10, 0.25, 1.0)", (run_id,))
+    text = "".join(iter_csv(db, run_id, chunk_rows=5000))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["step", *STEP_COLUMNS, "eval_loss"]
+    assert len(rows) == 12_000
+    assert [int(r["step"]) for r in rows] == list(range(1, 12_001))
+    assert rows[9]["eval_loss"] == "0.25" and rows[8]["eval_loss"] == ""
+    assert float(rows[11_999]["loss"]) == 12_000.0 and rows[0]["tokens"] == "100"
+
+
+def test_compare_names_each_run(db: sqlite3.Connection) -> None:
+    a, b = add_run(db, "slow", 1e-4), add_run(db, "fast", 1e-2)
+    add_steps(db, a, [2.0, 1.9])
+    add_steps(db, b, [2.0, 1.0, 0.5])
+    body = json.loads(compare_json(db, [b, a], ["loss"]))
+    assert body["keys"] == ["loss"]
+    assert [(r["id"], r["name"], r["learning_rate"]) for r in body["runs"]] == [(b, "fast", 1e-2), (a, "slow", 1e-4)]
+    assert body["runs"][0]["series"]["loss"] == [2.0, 1.0, 0.5] and body["runs"][0]["status"] == "completed"
+    with pytest.raises(LookupError, match="999"):
+        compare_json(db, [a, 999], ["loss"])
+
+
+def test_reads_are_fast(db: sqlite3.Connection) -> None:
+    """Generous bounds (a shared 2-core machine): the benchmark in bench/ measures the real numbers."""
+    runs = [add_run(db, f"r{i}") for i in range(10)]
+    rng = random.Random(3)
+    for run_id in runs:
+        add_steps(db, run_id, [rng.uniform(0.1, 3.0) for _ in range(20_000)])
+
+    def best(fn: object, repeat: int = 5) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    one = best(lambda: metrics_json(db, runs[0], ["loss"]))
+    every = best(lambda: [metrics_json(db, r, ["loss", "lr", "grad_norm", "update_norm"]) for r in runs], 3)
+    compare = best(lambda: compare_json(db, runs, ["loss"], max_points=1000), 3)
+    print(f"one 20k history {one * 1e3:.1f} ms; 4 keys x 10 runs {every * 1e3:.1f} ms; compare {compare * 1e3:.1f} ms")
+    assert one < 0.060
+    assert every < 1.0
+    assert compare < 0.250
