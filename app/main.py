@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +51,24 @@ async def _bad_input(request: Request, exc: Exception) -> JSONResponse:
         if module is not None and isinstance(exc, getattr(module, class_name)):
             return _unprocessable(["body", field], str(exc), **{k: getattr(exc, k, None) for k in ("line", "field")})
     raise exc  # any other ValueError is a bug: a 500
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no inf or NaN: echo such an input as text ('inf') instead of failing to answer."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, but safe for an input such as `"learning_rate": Infinity` that it echoes back."""
+    assert isinstance(exc, RequestValidationError)
+    detail = _json_safe(jsonable_encoder(exc.errors()))
+    return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
@@ -105,6 +127,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
         return FileResponse(plotly_js, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(ValueError, _bad_input)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(Conflict, _conflict)

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, status
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
 
@@ -37,21 +37,27 @@ class LogRange(BaseModel):
         return self
 
 
+def _rates_shape(value: Any) -> str:
+    return "list" if isinstance(value, list) else "range"
+
+
+# Tagged, so that an error names `learning_rates.list.1` or `learning_rates.range.min`.
+Rates = Annotated[
+    Annotated[list[PositiveRate], Field(min_length=1, max_length=MAX_SWEEP_RUNS), Tag("list")]
+    | Annotated[LogRange, Tag("range")],
+    Discriminator(_rates_shape),
+]
+
+
 class SweepCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("", max_length=200, description="Sweep name (its runs are named '<name> lr=<rate>').")
     config: TrainConfig = Field(
         default_factory=TrainConfig, description="The base config; its learning_rate is ignored."
     )
-    learning_rates: list[PositiveRate] | LogRange = Field(
+    learning_rates: Rates = Field(
         description="The rates to try: a list, or {'min', 'max', 'count'} for log-spaced rates."
     )
-
-    @model_validator(mode="after")
-    def _count(self) -> SweepCreate:
-        if isinstance(self.learning_rates, list) and not 1 <= len(self.learning_rates) <= MAX_SWEEP_RUNS:
-            raise ValueError(f"learning_rates: give between 1 and {MAX_SWEEP_RUNS} rates")
-        return self
 
     def rates(self) -> list[float]:
         lrs = self.learning_rates
