@@ -512,9 +512,10 @@ def form_page(
     values: dict[str, str],
     errors: dict[str, str],
     sweep: dict[str, str],
-    status_code: int = 200,
     note: str = "",
 ) -> HTMLResponse:
+    """The form, filled with `values`; with errors it answers 200 all the same (a 4xx document is a console
+    error in the browser, and the page is what the user asked for: the form, with what to change)."""
     builtin, uploaded = dataset_choices(session, values.get("dataset", ""))
     n_train = next((c.n_train for c in builtin + uploaded if c.value == values.get("dataset")), None)
     context = {
@@ -527,7 +528,7 @@ def form_page(
         "sweep": sweep,
         "note": note,
     }
-    return render(request, "run_form.html", context, status_code)
+    return render(request, "run_form.html", context)
 
 
 @pages.get("/runs/new", response_class=HTMLResponse)
@@ -558,7 +559,7 @@ def new_run_submit(request: Request, session: SessionDep, form: CheckedForm) -> 
     config, errors = validate_form(checked)
     errors.update(sweep_errors)
     if config is None or errors:
-        return form_page(request, session, values, errors, sweep, status_code=422)
+        return form_page(request, session, values, errors, sweep)
     try:
         if rates:
             created_sweep = jobs.create_sweep(session, config, rates)
@@ -566,7 +567,7 @@ def new_run_submit(request: Request, session: SessionDep, form: CheckedForm) -> 
         run = jobs.create_run(session, config)
     except ConfigError as exc:
         errors = {service_error_field(exc, sweep): exc.reason}
-        return form_page(request, session, values, errors, sweep, status_code=422)
+        return form_page(request, session, values, errors, sweep)
     return RedirectResponse(f"/runs/{run.id}", status_code=303)
 
 
@@ -595,7 +596,13 @@ def run_page(request: Request, session: SessionDep, run_id: RunId) -> HTMLRespon
     if run is None:
         return not_found(request, f"Run {run_id}")
     sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None
-    page = {"id": run.id, "status": run.status, "total_steps": run.total_steps, "steps_done": run.steps_done}
+    page = {
+        "id": run.id,
+        "status": run.status,
+        "total_steps": run.total_steps,
+        "steps_done": run.steps_done,
+        "analysis_labels": ANALYSIS_LABELS,
+    }
     context = {
         "run": run,
         "sweep": sweep,

@@ -101,12 +101,12 @@ const Stepscope = (() => {
     return el ? JSON.parse(el.textContent) : {};
   }
 
-  /** Replace an element's content with a status badge (text only). */
-  function setBadge(container, status, prefix = "status") {
+  /** Replace an element's content with a badge: class `${kind} ${kind}-${value}`, text `text`. */
+  function setBadge(container, value, kind = "status", text = value) {
     if (!container) return;
     const badge = document.createElement("span");
-    badge.className = `${prefix} ${prefix}-${String(status).replace(/[^a-z0-9_-]/gi, "")}`;
-    badge.textContent = status;
+    badge.className = `${kind} ${kind}-${String(value).replace(/[^a-z0-9_-]/gi, "")}`;
+    badge.textContent = text;
     container.replaceChildren(badge);
   }
 

@@ -35,6 +35,10 @@
   }
 
   function runTraces(run, weight) {
+    if (!run.steps.length) {
+      // No steps yet (queued): a placeholder point keeps the run in the legend, Plotly drops empty traces.
+      return [{ x: [null], y: [null], mode: "lines", name: label(run), legendgroup: String(run.id), line: { color: run.color, width: 2 } }];
+    }
     const x = xs(run);
     const out = [];
     PANELS.forEach((p, i) => {

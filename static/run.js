@@ -110,6 +110,31 @@
     }
   }
 
+  /** A finished run: delete instead of cancel, and its verdict and analysis when they are there. */
+  function showFinished(run) {
+    const cancel = document.getElementById("cancel-form");
+    if (cancel) cancel.hidden = true;
+    document.getElementById("delete-form").hidden = false;
+    if (run.verdict) {
+      const reason = (run.summary && run.summary.reason) || "";
+      S.setBadge(document.getElementById("run-verdict"), run.verdict, "verdict", `lr ${run.verdict.replace("_", " ")}`);
+      document.querySelector("#run-verdict .verdict").title = reason;
+    }
+    if (!run.summary) return;
+    document.getElementById("analysis-reason").textContent = run.summary.reason || "";
+    const list = document.getElementById("analysis");
+    list.replaceChildren();
+    for (const [key, label] of page.analysis_labels) {
+      if (!(key in run.summary)) continue;
+      const dt = document.createElement("dt");
+      const dd = document.createElement("dd");
+      dt.textContent = label;
+      dd.textContent = S.fmtNum(run.summary[key]);
+      list.append(dt, dd);
+    }
+    document.getElementById("analysis-section").hidden = false;
+  }
+
   let drawPending = false;
   function drawSoon() {
     if (drawPending) return;
@@ -145,8 +170,7 @@
       showRun(run);
       if (S.FINISHED.has(run.status)) {
         events.close();
-        // The server renders the finished page: analysis, delete button, final duration.
-        setTimeout(() => window.location.reload(), 300);
+        showFinished(run);
       }
     });
   }

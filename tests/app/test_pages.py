@@ -199,7 +199,7 @@ def post_form(client: TestClient, changes: dict[str, str], drop: tuple[str, ...]
 
 def test_invalid_input_is_shown_next_to_the_field_with_values_kept(client: TestClient) -> None:
     response = post_form(client, {"name": "my run", "learning_rate": "-1", "batch_size": "lots", "momentum": "0.9"})
-    assert response.status_code == 422
+    assert response.status_code == 200
     soup = BeautifulSoup(response.text, "html.parser")
     assert "must be a finite number > 0" in text(soup.select_one("#field-learning_rate .error"))
     assert "valid integer" in text(soup.select_one("#field-batch_size .error"))
@@ -224,7 +224,7 @@ def test_valid_form_queues_a_run(client: TestClient, engine: Engine) -> None:
 
 def test_unknown_model_error_from_the_service_shows_at_the_model(client: TestClient, engine: Engine) -> None:
     response = post_form(client, {"model": "no-such-model"})
-    assert response.status_code == 422
+    assert response.status_code == 200
     soup = BeautifulSoup(response.text, "html.parser")
     assert "unknown model" in text(soup.select_one("#field-model .error"))
     assert form_values(soup)["model"] == "no-such-model"  # kept, as an extra option
@@ -249,7 +249,7 @@ def test_sweep_starts_one_run_per_rate(client: TestClient, engine: Engine) -> No
 def test_sweep_log_spaced_and_its_errors(client: TestClient, engine: Engine) -> None:
     sweep = {"model": "tiny-random-llama", "sweep": "on", "sweep_mode": "range", "sweep_min": "1e-5"}
     response = post_form(client, sweep | {"sweep_max": "1e-3", "sweep_count": "1"})
-    assert response.status_code == 422
+    assert response.status_code == 200
     soup = BeautifulSoup(response.text, "html.parser")
     assert "from 2 to" in text(soup.select_one("#field-sweep_range .error"))
     assert form_values(soup)["sweep_count"] == "1" and form_values(soup)["sweep_mode"] == "range"
@@ -308,7 +308,7 @@ def test_run_page_shows_status_progress_links_and_charts(client: TestClient, eng
     assert text(soup.find(id="run-status")) == "running"
     assert text(soup.find(id="progress-text")) == "30 / 120 steps"
     assert soup.find("form", action=f"/runs/{run_id}/cancel")
-    assert not soup.find("form", action=f"/runs/{run_id}/delete")
+    assert soup.find("form", action=f"/runs/{run_id}/delete").has_attr("hidden")  # shown once it finishes
     assert soup.find("a", href=f"/runs/new?clone={run_id}")
     assert soup.find("a", href=f"/api/runs/{run_id}/metrics.csv") and soup.find("a", href=f"/api/runs/{run_id}")
     for chart in ("loss", "lr", "grad_norm", "update_norm", "update_ratio", "step_scale"):
@@ -330,7 +330,7 @@ def test_failed_run_shows_its_error_and_step(client: TestClient, engine: Engine)
     assert text(error) == "Diverged at step 7: loss is NaN"
     assert "lr diverged" in text(soup.find(id="run-verdict"))
     assert "non-finite at step 7" in text(soup.find(id="analysis-reason"))
-    assert soup.find("form", action=f"/runs/{run_id}/delete")
+    assert not soup.find("form", action=f"/runs/{run_id}/delete").has_attr("hidden")
     assert not soup.find("form", action=f"/runs/{run_id}/cancel")
 
 

@@ -1,0 +1,174 @@
+"""The dashboard in headless Chromium against a real server that trains the tiny model.
+
+Every test fails on a console error or an opened dialog (see conftest.py) and saves a screenshot of
+each page it visits under test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from app.models import STEP_COLUMNS
+
+if TYPE_CHECKING:
+    from tests.browser.conftest import Page, Server
+
+pytestmark = pytest.mark.browser
+
+XSS = "<script>alert(1)</script>"
+TRAIN_TIMEOUT_MS = 150_000
+
+
+def insert_run(server: Server, name: str, lr: float, n_steps: int = 50) -> int:
+    """A finished run with a decaying loss, written straight into the server's database."""
+    with sqlite3.connect(server.db) as conn:
+        cursor = conn.execute(
+            "INSERT INTO runs (name, kind, status, model, dataset, learning_rate, batch_size, optimizer, config,"
+            " created_at, steps_done, total_steps) VALUES (?, 'train', 'completed', 'tiny-random-llama',"
+            " 'synthetic-arithmetic', ?, 8, 'adamw', '{}', '2026-01-01 00:00:00.000000', ?, ?)",
+            (name, lr, n_steps, n_steps),
+        )
+        run_id = cursor.lastrowid
+        assert run_id is not None
+        rows = [
+            (run_id, s, s / 125, 8 * s, 80 * s, 2 + 2 / s, lr, 1.0, 50 * lr, 10.0, 5 * lr, 50.0, 0.1 * s, 0.1)
+            for s in range(1, n_steps + 1)
+        ]
+        columns = ", ".join(("run_id", "step", *STEP_COLUMNS))
+        conn.executemany(f"INSERT INTO step_metrics ({columns}) VALUES ({', '.join('?' * 14)})", rows)
+    return run_id
+
+
+def wait_js(page: Page, condition: str, timeout: int = 20_000) -> None:
+    page.page.wait_for_function(f"() => {condition}", timeout=timeout)
+
+
+def points(page: Page, chart: str = "chart-loss", trace: int = 0) -> int:
+    count: int = page.page.evaluate(
+        "([id, i]) => { const g = document.getElementById(id); return g && g.data ? g.data[i].x.length : -1; }",
+        [chart, trace],
+    )
+    return count
+
+
+def test_new_run_from_the_form_trains_live(page: Page) -> None:
+    p = page.page
+    page.goto("/runs/new")
+    p.fill("#name", "tiny from the form")
+    p.select_option("#model", "tiny-random-llama")
+    p.select_option("#dataset", "synthetic-arithmetic")
+    p.fill("#max_steps", "30")
+    p.fill("#eval_every", "10")
+    p.fill("#batch_size", "100")
+    assert p.text_content("#plan") == "1000 samples at batch size 100 → 10 updates per epoch, 30 total steps"
+    p.fill("#learning_rate", "-1")
+    page.screenshot("new-run-form")
+    p.click("#start-button")
+
+    # Invalid input: the form comes back with the message next to the field and the values kept.
+    assert "> 0" in p.text_content("#field-learning_rate .error")
+    assert p.input_value("#name") == "tiny from the form" and p.input_value("#max_steps") == "30"
+    page.screenshot("new-run-form-error")
+    p.fill("#learning_rate", "0.003")
+    p.click("#start-button")
+    p.wait_for_url(re.compile(r"/runs/\d+$"))
+
+    # The chart grows in place: the marker set on this document survives while points arrive.
+    p.evaluate("() => { window.sameDocument = true; }")
+    loss = "document.getElementById('chart-loss').data"
+    wait_js(page, f"{loss} && {loss}[0].x.length > 0", TRAIN_TIMEOUT_MS)
+    first = points(page)
+    wait_js(page, f"{loss}[0].x.length > {first} && window.sameDocument", TRAIN_TIMEOUT_MS)
+    page.screenshot("run-page-running")
+
+    wait_js(page, "document.querySelector('#run-status').textContent.trim() === 'completed'", TRAIN_TIMEOUT_MS)
+    wait_js(page, f"{loss}[0].x.length === 30 && window.sameDocument")
+    assert p.is_visible("#delete-form") and not p.is_visible("#cancel-form")
+    assert p.text_content("#run-verdict").startswith("lr ")  # the analysis' verdict, shown without a reload
+    assert points(page, trace=2) == 3  # eval loss at steps 10, 20, 30
+    assert p.text_content("#progress-text") == "30 / 30 steps"
+    page.screenshot("run-page-completed")
+
+    page.goto("/")
+    row = p.locator("#runs-table tbody tr", has_text="tiny from the form")
+    assert row.locator(".status").text_content() == "completed"
+    page.screenshot("runs-list")
+
+
+def test_sweep_of_three_rates_on_the_compare_page(page: Page, server: Server) -> None:
+    p = page.page
+    page.goto("/runs/new")
+    p.fill("#name", "sweep3")
+    p.select_option("#model", "tiny-random-llama")
+    p.fill("#max_steps", "12")
+    p.fill("#eval_every", "0")
+    p.check("#sweep")
+    p.fill("#sweep_lrs", "1e-2, 1e-4, 1e-3")
+    assert p.text_content("#sweep-preview") == "3 runs, at learning rates 1e-4, 1e-3, 1e-2"
+    p.click("#start-button")
+    p.wait_for_url(re.compile(r"/sweeps/\d+$"))
+    sweep_url = p.url
+
+    # From the runs list: tick the sweep's three runs and compare them.
+    page.goto("/?q=sweep3")
+    for box in p.locator("#runs-table tbody input[name=ids]").all():
+        box.check()
+    p.click("#compare-button")
+    p.wait_for_url(re.compile(r"/compare\?ids=\d+,\d+,\d+$"))
+    p.wait_for_selector("body[data-ready=true]")
+    legend = [t.strip() for t in p.locator("#chart-compare .legend .legendtext").all_text_contents()]
+    assert [re.sub(r" · .*", "", t) for t in legend] == ["lr 1e-4", "lr 1e-3", "lr 1e-2"]
+
+    # Running runs update live; once all three finish, every loss trace holds all 12 steps.
+    loss_traces = "document.getElementById('chart-compare').data.filter(t => t.showlegend !== false)"
+    wait_js(page, f"{loss_traces}.every(t => t.x.length === 12)", TRAIN_TIMEOUT_MS)
+    wait_js(page, "!document.getElementById('live-note').textContent", TRAIN_TIMEOUT_MS)
+    statuses = p.locator("#compare-table tbody .cell-status").all_text_contents()
+    assert [s.strip() for s in statuses] == ["completed"] * 3
+    p.select_option("#x-axis", "wall_time")
+    p.uncheck("#log-y")
+    page.screenshot("compare-page")
+
+    p.goto(sweep_url)
+    p.wait_for_selector("body[data-ready=true]")
+    # Final loss against learning rate: every rate is a point (a diverged one among the crosses).
+    rates: Any = p.evaluate("() => document.getElementById('chart-valley').data.filter(t => t.name !== 'best loss')")
+    assert sorted(x for trace in rates for x in trace["x"]) == [1e-4, 1e-3, 1e-2]
+    page.screenshot("sweep-page")
+
+
+def test_a_script_in_a_run_name_shows_as_text(page: Page, server: Server) -> None:
+    run_id = insert_run(server, XSS, 1e-3)
+    p = page.page
+    page.goto(f"/?q={XSS}")
+    assert p.locator("#runs-table td.name a").all_text_contents() == [XSS]
+    page.screenshot("runs-list-escaped")
+    page.goto(f"/runs/{run_id}")
+    p.wait_for_selector("body[data-ready=true]")
+    assert p.text_content("h1") == XSS
+    page.goto(f"/compare?ids={run_id}")
+    p.wait_for_selector("body[data-ready=true]")
+    assert p.locator("#compare-table td.name a").text_content() == XSS
+    assert p.locator("#chart-compare .legend .legendtext").text_content() == f"lr 1e-3 · {XSS}"
+    assert page.dialogs == []
+
+
+def test_pages_fit_a_narrow_window(page: Page, server: Server) -> None:
+    ids = [insert_run(server, f"narrow {lr:g}", lr) for lr in (1e-4, 1e-3)]
+    p = page.page
+    p.set_viewport_size({"width": 390, "height": 800})
+    for name, path in [
+        ("runs-list", "/?q=narrow"),
+        ("new-run-form", "/runs/new"),
+        ("run-page", f"/runs/{ids[0]}"),
+        ("compare-page", f"/compare?ids={ids[0]},{ids[1]}"),
+    ]:
+        page.goto(path)
+        p.wait_for_load_state("networkidle")
+        overflow = p.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{path} is {overflow}px wider than the window"
+        page.screenshot(f"narrow-{name}")
