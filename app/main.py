@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -86,6 +87,12 @@ def _plotly_js() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
 
 
+def _warm_up() -> None:
+    """Import the trainer's model and data modules (torch: seconds) now, not in the first POST /api/runs."""
+    import trainer.data
+    import trainer.models  # noqa: F401
+
+
 def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> FastAPI:
     """The stepscope app. `run_jobs=False` leaves queued runs queued (tests that must not train)."""
     settings = settings or get_settings()
@@ -97,6 +104,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
         await run_in_threadpool(upgrade, settings.database_url)
         if run_jobs:
             await run_in_threadpool(runner.start)
+        threading.Thread(target=_warm_up, name="stepscope-warm-up", daemon=True).start()
         try:
             yield
         finally:
