@@ -110,6 +110,15 @@ const Stepscope = (() => {
     container.replaceChildren(badge);
   }
 
+  /**
+   * Resolves once the document is parsed. The page scripts come before Plotly's 4.6 MB script, so
+   * their first data request runs while Plotly downloads and compiles; they await this before drawing.
+   */
+  const documentParsed = new Promise((resolve) => {
+    if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", resolve);
+    else resolve();
+  });
+
   const FINISHED = new Set(["completed", "failed", "cancelled", "diverged", "interrupted"]);
 
   const plotConfig = { responsive: true, displaylogo: false, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
@@ -158,6 +167,7 @@ const Stepscope = (() => {
     pageData,
     setBadge,
     FINISHED,
+    documentParsed,
     plotConfig,
     baseLayout,
     every,

@@ -1,11 +1,16 @@
 // Compare and sweep pages: runs overlaid, coloured by learning rate (log scale), with linked panels for
 // lr, gradient norm, update ratio and step scale. Runs still going are polled once a second.
+//
+// Data comes in two requests: the loss curves first (what the page is for: drawn, the page responds),
+// then the panels' four series. Each request is downsampled on the server keeping every bucket's
+// minimum and maximum of each series, so fewer series per request also keep more detail per series.
 "use strict";
 
 (() => {
   const S = Stepscope;
   const page = S.pageData();
-  const KEYS = ["loss", "lr", "grad_norm", "update_ratio", "step_scale", "epoch", "samples", "wall_time"];
+  const PARTS = { main: ["loss"], panels: ["lr", "grad_norm", "update_ratio", "step_scale"] };
+  const MAX_POINTS = 1000;
   // Stacked panels sharing one x axis, so zooming one zooms all. `size` is the share of the height.
   const PANELS = [
     { key: "loss", title: "loss", size: 0.4 },
@@ -21,7 +26,8 @@
     xAxis: document.getElementById("x-axis"),
     logY: document.getElementById("log-y"),
   };
-  const runs = page.runs.map((r) => ({ ...r, steps: [], series: Object.fromEntries(KEYS.map((k) => [k, []])) }));
+  const empty = () => ({ steps: [], series: {} });
+  const runs = page.runs.map((r) => ({ ...r, main: empty(), panels: empty() }));
   const range = S.lrRange(runs.map((r) => r.lr));
   for (const r of runs) r.color = S.lrColor(r.lr, range);
 
@@ -29,27 +35,32 @@
     return `lr ${S.fmtLr(run.lr)} · ${run.name}`;
   }
 
-  function xs(run) {
-    const key = controls.xAxis.value;
-    return key === "step" ? run.steps : run.series[key];
+  function xKey() {
+    return controls.xAxis.value;
+  }
+
+  /** The x values of a part's points: its steps, or the chosen series (empty until that is loaded). */
+  function xs(part) {
+    return xKey() === "step" ? part.steps : part.series[xKey()] || [];
   }
 
   function runTraces(run, weight) {
-    if (!run.steps.length) {
+    if (!run.main.steps.length) {
       // No steps yet (queued): a placeholder point keeps the run in the legend, Plotly drops empty traces.
       return [{ x: [null], y: [null], mode: "lines", name: label(run), legendgroup: String(run.id), line: { color: run.color, width: 2 } }];
     }
-    const x = xs(run);
     const out = [];
     PANELS.forEach((p, i) => {
-      const common = { x, mode: "lines", xaxis: "x", yaxis: i ? `y${i + 1}` : "y", legendgroup: String(run.id), name: label(run) };
+      const part = p.key === "loss" ? run.main : run.panels;
+      const common = { x: xs(part), mode: "lines", xaxis: "x", yaxis: i ? `y${i + 1}` : "y", legendgroup: String(run.id), name: label(run) };
+      const y = part.series[p.key] || [];
       if (p.key === "loss") {
         if (weight > 0) {
-          out.push({ ...common, y: run.series.loss, showlegend: false, hoverinfo: "skip", opacity: 0.2, line: { color: run.color, width: 1 } });
+          out.push({ ...common, y, showlegend: false, hoverinfo: "skip", opacity: 0.2, line: { color: run.color, width: 1 } });
         }
-        out.push({ ...common, y: S.smooth(run.series.loss, weight), showlegend: true, line: { color: run.color, width: 2 } });
+        out.push({ ...common, y: S.smooth(y, weight), showlegend: true, line: { color: run.color, width: 2 } });
       } else {
-        out.push({ ...common, y: run.series[p.key], showlegend: false, line: { color: run.color, width: 1.5 } });
+        out.push({ ...common, y, showlegend: false, line: { color: run.color, width: 1.5 } });
       }
     });
     return out;
@@ -116,8 +127,9 @@
     const weight = Number(controls.smoothing.value);
     const data = runs.flatMap((r) => runTraces(r, weight));
     data.push(colorbarTrace());
-    Plotly.react("chart-compare", data, layout(), S.plotConfig);
+    const drawn = Plotly.react("chart-compare", data, layout(), S.plotConfig);
     if (page.sweep !== null) drawValley();
+    return drawn;
   }
 
   // --- sweep: final loss against learning rate -----------------------------------------------------
@@ -191,7 +203,7 @@
     row.querySelector(".swatch").style.background = run.color;
     if (run.live || row.querySelector(".cell-step-scale").textContent === "—") {
       // Before the analysis exists: the median of the plotted (possibly downsampled) values.
-      row.querySelector(".cell-step-scale").textContent = S.fmtNum(median(run.series.step_scale), 3);
+      row.querySelector(".cell-step-scale").textContent = S.fmtNum(median(run.panels.series.step_scale || []), 3);
     }
     if (run.live) {
       S.setBadge(row.querySelector(".cell-status"), run.status);
@@ -203,25 +215,41 @@
 
   // --- data ---------------------------------------------------------------------------------------
 
-  function append(run, batch) {
-    run.steps.push(...batch.steps);
-    for (const k of KEYS) run.series[k].push(...(batch.series[k] || batch.steps.map(() => null)));
+  function keys(part) {
+    return xKey() === "step" ? PARTS[part] : [...PARTS[part], xKey()];
   }
 
-  async function load() {
-    const q = new URLSearchParams({ ids: runs.map((r) => r.id).join(","), keys: KEYS.join(","), max_points: "1000" });
+  /** One compare request for a part (its series, and the chosen x series) of every run. */
+  async function load(part) {
+    const q = new URLSearchParams({ ids: runs.map((r) => r.id).join(","), keys: keys(part).join(","), max_points: MAX_POINTS });
     const answer = await S.getJSON(`/api/compare?${q}`);
     for (const item of answer.runs) {
       const run = runs.find((r) => r.id === item.id);
-      if (run) append(run, item);
+      if (run) run[part] = { steps: item.steps, series: item.series };
+    }
+  }
+
+  function append(part, batch, wanted) {
+    part.steps.push(...batch.steps);
+    for (const k of wanted) {
+      part.series[k] = part.series[k] || [];
+      part.series[k].push(...(batch.series[k] || batch.steps.map(() => null)));
     }
   }
 
   async function pollRun(run) {
     const info = await S.getJSON(`/api/runs/${run.id}`);
-    const q = new URLSearchParams({ keys: KEYS.join(",") });
-    if (run.steps.length) q.set("since_step", run.steps[run.steps.length - 1]);
-    append(run, await S.getJSON(`/api/runs/${run.id}/metrics?${q}`));
+    const all = [...new Set([...keys("main"), ...keys("panels")])];
+    const q = new URLSearchParams({ keys: all.join(",") });
+    const last = run.main.steps.length ? run.main.steps[run.main.steps.length - 1] : null;
+    if (last !== null) q.set("since_step", last);
+    const batch = await S.getJSON(`/api/runs/${run.id}/metrics?${q}`);
+    if (last === null) {
+      run.main = empty(); // a run that had no steps: both parts start from the same rows
+      run.panels = empty();
+    }
+    append(run.main, batch, keys("main"));
+    append(run.panels, batch, keys("panels"));
     Object.assign(run, {
       live: true,
       status: info.status,
@@ -234,7 +262,10 @@
     updateRow(run);
   }
 
+  let reloading = null; // the x axis changed: both parts are fetched again, and polls wait for that
+
   async function poll() {
+    if (reloading) await reloading;
     const active = runs.filter((r) => !r.finished);
     await Promise.all(active.map(pollRun));
     draw();
@@ -243,17 +274,34 @@
     return still > 0;
   }
 
+  async function changeX() {
+    reloading = (async () => {
+      await load("main");
+      await draw();
+      await load("panels");
+      await draw();
+    })();
+    await reloading;
+    reloading = null;
+  }
+
   async function start() {
-    await load();
-    draw();
-    runs.forEach(updateRow);
+    const first = load("main");
+    await S.documentParsed; // Plotly is there
+    await first;
+    await draw();
     controls.smoothing.addEventListener("input", () => {
       controls.smoothingValue.textContent = Number(controls.smoothing.value).toFixed(2);
       draw();
     });
-    controls.xAxis.addEventListener("change", draw);
+    controls.xAxis.addEventListener("change", () => changeX().catch((err) => console.warn(err)));
     controls.logY.addEventListener("change", draw);
-    document.body.dataset.ready = "true"; // for tests and bench/ui.py: the charts are drawn
+    window.stepscopeReadyAt = performance.now(); // bench/ui.py: time to interactive, from navigation start
+    await load("panels");
+    await draw();
+    runs.forEach(updateRow);
+    window.stepscopePanelsAt = performance.now();
+    document.body.dataset.ready = "true"; // for tests and bench/ui.py: every panel is drawn
     if (runs.some((r) => !r.finished)) S.every(1000, poll);
   }
 

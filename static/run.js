@@ -176,7 +176,9 @@
   }
 
   async function start() {
-    append(await S.getJSON(metricsUrl(4000)));
+    const first = S.getJSON(metricsUrl(4000));
+    await S.documentParsed; // Plotly is there
+    append(await first);
     draw();
     smoothing.addEventListener("input", () => {
       smoothingValue.textContent = Number(smoothing.value).toFixed(2);
