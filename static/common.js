@@ -27,11 +27,12 @@ const Stepscope = (() => {
   }
 
   /**
-   * Debiased exponential moving average, as TensorBoard draws it. Missing values (null, NaN) stay
-   * missing and do not count; dividing by 1 - w^(i+1) removes the pull towards the zero start.
+   * Debiased exponential moving average, as TensorBoard draws it (app/analysis.py ema_smooth is the
+   * same): missing values (null, NaN) stay missing and do not count; dividing by 1 - w^(i+1) removes
+   * the pull towards the zero start; a constant series is returned as it is.
    */
   function smooth(values, weight) {
-    if (weight <= 0) return values.slice();
+    if (weight <= 0 || values.every((v) => v === values[0])) return values.slice();
     let last = 0;
     let i = 0;
     return values.map((v) => {

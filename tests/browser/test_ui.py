@@ -130,7 +130,11 @@ def test_sweep_of_three_rates_on_the_compare_page(page: Page, server: Server) ->
     statuses = p.locator("#compare-table tbody .cell-status").all_text_contents()
     assert [s.strip() for s in statuses] == ["completed"] * 3
     p.select_option("#x-axis", "wall_time")
+    chart = "document.getElementById('chart-compare')"
+    wait_js(page, f"{loss_traces}.every(t => t.x.length === 12 && !Number.isInteger(t.x[0]))")  # seconds, not steps
+    assert p.evaluate(f"() => {chart}.layout.xaxis.title.text") == "wall time (s)"
     p.uncheck("#log-y")
+    assert p.evaluate(f"() => {chart}.layout.yaxis.type") == "linear"
     page.screenshot("compare-page")
 
     p.goto(sweep_url)
@@ -172,3 +176,28 @@ def test_pages_fit_a_narrow_window(page: Page, server: Server) -> None:
         overflow = p.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{path} is {overflow}px wider than the window"
         page.screenshot(f"narrow-{name}")
+
+
+def test_upload_a_dataset_from_the_form(page: Page, tmp_path: Any) -> None:
+    file = tmp_path / "facts.jsonl"
+    file.write_text("".join(f'{{"prompt": "Q{i}? ", "completion": "A{i}"}}\n' for i in range(40)))
+    p = page.page
+    page.goto("/runs/new")
+    p.set_input_files("#upload-file", str(file))
+    p.click("#field-dataset button")
+    p.wait_for_function("() => document.getElementById('upload-status').textContent.startsWith('Added')")
+    assert (
+        p.evaluate("() => document.getElementById('dataset').selectedOptions[0].textContent") == "facts.jsonl (40 rows)"
+    )
+    assert p.text_content("#plan") == "36 samples at batch size 8 → 5 updates per epoch, 5 total steps"
+
+
+def test_smoothing_matches_the_analysis(page: Page) -> None:
+    from app.analysis import ema_smooth
+
+    values = [4.0, 3.5, None, 3.9, 2.0, 2.5, 1.0, 1.2, 0.9]
+    page.goto("/runs/new")
+    for weight in (0.0, 0.6, 0.9):
+        smoothed = page.page.evaluate("([v, w]) => Stepscope.smooth(v, w)", [values, weight])
+        expected = [None if v != v else v for v in ema_smooth(values, weight)]  # NaN: a gap, like null
+        assert smoothed == pytest.approx(expected), weight
