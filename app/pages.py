@@ -32,57 +32,16 @@ from starlette.templating import Jinja2Templates
 
 from app import jobs
 from app.config import Settings
-from app.deps import RunId, SessionDep, SettingsDep
+from app.deps import MAX_ID, RunId, SessionDep, SettingsDep
 from app.models import FINISHED, Dataset, Run, RunStatus, Sweep
 from app.routers.datasets import save_dataset
+from app.routers.metrics import MAX_COMPARE_RUNS
 from trainer.config import ConfigError, TrainConfig, field_help
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 CSRF_COOKIE = "stepscope_csrf"
 CSRF_FIELD = "csrf_token"
-MAX_SWEEP_RATES = 24
-
 AUTH_COOKIE = "stepscope_auth"
-
-
-def auth_cookie_value(token: str) -> str:
-    """What the sign-in cookie holds: derived from the token, so the cookie never holds the token itself."""
-    return hmac.new(token.encode(), b"stepscope dashboard sign-in", hashlib.sha256).hexdigest()
-
-
-def signed_in(request: Request, settings: Settings) -> bool:
-    """True without a token; with one, the browser must have signed in (it then holds the cookie)."""
-    if not settings.token:
-        return True
-    return secrets.compare_digest(
-        request.cookies.get(AUTH_COOKIE, "").encode(), auth_cookie_value(settings.token).encode()
-    )
-
-
-def require_sign_in(request: Request, settings: SettingsDep) -> None:
-    """With STEPSCOPE_TOKEN set the pages (and their forms, which start and cancel runs) need a sign-in."""
-    if not signed_in(request, settings):
-        target = "/login?" + urlencode(
-            {"next": request.url.path + (f"?{request.url.query}" if request.url.query else "")}
-        )
-        raise HTTPException(303, "sign in first", headers={"Location": target})
-
-
-router = APIRouter(include_in_schema=False)  # what app.main includes: sign-in, plus `pages` below
-pages = APIRouter(dependencies=[Depends(require_sign_in)])
-
-
-def sweep_analysis(runs: list[Run]) -> dict[str, Any] | None:
-    """The sweep's ranking and recommended rate, once some of its runs have their analysis."""
-    if not any(r.summary for r in runs):
-        return None
-    from app.analysis import summarize_sweep
-
-    return summarize_sweep(
-        [{"id": r.id, "learning_rate": r.learning_rate, "status": r.status, "summary": r.summary} for r in runs]
-    )
-
-
 # --- formatting ---------------------------------------------------------------------------------------
 
 
@@ -140,7 +99,7 @@ def _make_templates() -> Jinja2Templates:
 templates = _make_templates()
 
 
-# --- CSRF: double-submit cookie -----------------------------------------------------------------------
+# --- CSRF (double-submit cookie) and sign-in ------------------------------------------------------------
 
 
 def csrf_token(request: Request) -> str:
@@ -174,6 +133,33 @@ async def checked_form(request: Request) -> FormData:
 
 
 CheckedForm = Annotated[FormData, Depends(checked_form)]
+
+
+def auth_cookie_value(token: str) -> str:
+    """What the sign-in cookie holds: derived from the token, so the cookie never holds the token itself."""
+    return hmac.new(token.encode(), b"stepscope dashboard sign-in", hashlib.sha256).hexdigest()
+
+
+def signed_in(request: Request, settings: Settings) -> bool:
+    """True without a token; with one, the browser must have signed in (it then holds the cookie)."""
+    if not settings.token:
+        return True
+    return secrets.compare_digest(
+        request.cookies.get(AUTH_COOKIE, "").encode(), auth_cookie_value(settings.token).encode()
+    )
+
+
+def require_sign_in(request: Request, settings: SettingsDep) -> None:
+    """With STEPSCOPE_TOKEN set the pages (and their forms, which start and cancel runs) need a sign-in."""
+    if not signed_in(request, settings):
+        target = "/login?" + urlencode(
+            {"next": request.url.path + (f"?{request.url.query}" if request.url.query else "")}
+        )
+        raise HTTPException(303, "sign in first", headers={"Location": target})
+
+
+router = APIRouter(include_in_schema=False)  # what app.main includes: sign-in, plus `pages` below
+pages = APIRouter(dependencies=[Depends(require_sign_in)])
 
 
 def not_found(request: Request, what: str) -> HTMLResponse:
@@ -326,16 +312,17 @@ def dataset_choices(session: Session, current: str) -> tuple[list[DatasetChoice]
 
 def plan_text(n_train: int | None, values: dict[str, str]) -> str:
     """'1000 samples at batch size 100 → 10 updates per epoch, 10 total steps' (static/run_form.js updates it)."""
+    from trainer.data import plan_steps
+
     try:
         batch, accum = int(values["batch_size"]), int(values["grad_accum_steps"])
         epochs = float(values["epochs"])
         max_steps = int(values["max_steps"]) if values.get("max_steps", "").strip() else None
     except (KeyError, ValueError):
         return ""
-    if n_train is None or batch < 1 or accum < 1:
+    if n_train is None or batch < 1 or accum < 1 or not epochs > 0:
         return ""
-    per_epoch = math.ceil(n_train / (batch * accum))
-    total = max_steps if max_steps is not None else max(1, math.ceil(epochs * per_epoch))
+    per_epoch, total = plan_steps(n_train, batch, accum, epochs, max_steps)
     at = f"batch size {batch}" + (f" × {accum} accumulation steps" if accum > 1 else "")
     return f"{n_train} samples at {at} → {per_epoch} updates per epoch, {total} total steps"
 
@@ -387,13 +374,23 @@ def validate_form(values: dict[str, str]) -> tuple[TrainConfig | None, dict[str,
         return None, field_errors(exc)
 
 
-SWEEP_FIELDS = ("sweep", "sweep_mode", "sweep_lrs", "sweep_min", "sweep_max", "sweep_count")
+# The sweep's fields (not TrainConfig's) and what the form starts with.
+SWEEP_DEFAULTS = {
+    "sweep": "",
+    "sweep_mode": "list",
+    "sweep_lrs": "",
+    "sweep_min": "1e-5",
+    "sweep_max": "1e-2",
+    "sweep_count": "4",
+}
 
 
 def sweep_values(form: FormData) -> dict[str, str]:
-    defaults = {"sweep": "", "sweep_mode": "list", "sweep_lrs": "", "sweep_min": "1e-5", "sweep_max": "1e-2"}
-    defaults["sweep_count"] = "4"
-    return {k: (v.strip() if isinstance(v := form.get(k, defaults[k]), str) else "") for k in SWEEP_FIELDS}
+    out = {}
+    for name, default in SWEEP_DEFAULTS.items():
+        raw = form.get(name, default)
+        out[name] = raw.strip() if isinstance(raw, str) else ""
+    return out
 
 
 def _positive(text: str) -> float:
@@ -433,12 +430,10 @@ def sweep_rates(values: dict[str, str]) -> tuple[list[float], dict[str, str]]:
 def service_error_field(exc: ConfigError, sweep: dict[str, str]) -> str:
     """The form field for a ConfigError from app.jobs (`learning_rates.2` is one of the sweep's rates)."""
     name = exc.field.removeprefix("config.")
+    if name.endswith(".count"):
+        return "sweep_count"
     if name.startswith("learning_rates"):
-        return (
-            "sweep_count"
-            if name.endswith("count")
-            else ("sweep_min" if sweep["sweep_mode"] == "range" else "sweep_lrs")
-        )
+        return "sweep_min" if sweep["sweep_mode"] == "range" else "sweep_lrs"
     return name
 
 
@@ -462,6 +457,8 @@ def dataset_names(session: Session) -> dict[str, str]:
     """Uploaded datasets' stored file names -> the names people gave them."""
     return {d.filename: d.name for d in session.exec(select(Dataset)).all()}
 
+
+LIST_LIMIT = 500  # rows on the runs list; filters find older ones
 
 SORTS = {
     "name": Run.name,
@@ -494,13 +491,14 @@ def runs_list(
         query = query.where(col(Run.name).contains(q, autoescape=True))
     column = col(SORTS.get(sort, Run.id))
     query = query.order_by(column.asc() if order == "asc" else column.desc(), col(Run.id).desc())
-    runs = session.exec(query).all()
+    runs = session.exec(query.limit(LIST_LIMIT)).all()
     total = session.exec(select(func.count()).select_from(Run)).one()
     context = {
         "runs": runs,
         "total": total,
         "dataset_names": dataset_names(session),
         "statuses": list(RunStatus),
+        "limit": LIST_LIMIT,
         "filters": {"status": status, "q": q, "sort": sort if sort in SORTS else "created", "order": order},
     }
     return render(request, "runs.html", context)
@@ -532,7 +530,12 @@ def form_page(
 
 
 @pages.get("/runs/new", response_class=HTMLResponse)
-def new_run_form(request: Request, session: SessionDep, clone: int | None = None, dataset: str = "") -> HTMLResponse:
+def new_run_form(
+    request: Request,
+    session: SessionDep,
+    clone: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    dataset: str = "",
+) -> HTMLResponse:
     values = {name: field_text(default) for name, (default, _) in field_help().items()}
     note = ""
     if clone is not None:
@@ -639,12 +642,16 @@ def delete_run(
 
 
 def parse_ids(raw: list[str]) -> list[int]:
-    """`ids=1,2&ids=3` -> [1, 2, 3] (the runs list's checkboxes send one `ids` each; links send a list)."""
+    """`ids=1,2&ids=3` -> [1, 2, 3] (the runs list's checkboxes send one `ids` each; links send a list).
+
+    What is not a run id is dropped, and so are ids past the most the compare API serves at once.
+    """
     ids: list[int] = []
     for part in ",".join(raw).split(","):
-        if part.strip().isdigit() and int(part) not in ids:
-            ids.append(int(part))
-    return ids
+        number = int(part) if part.strip().isdigit() else 0
+        if 1 <= number <= MAX_ID and number not in ids:
+            ids.append(number)
+    return ids[:MAX_COMPARE_RUNS]
 
 
 def compare_rows(runs: list[Run]) -> list[dict[str, Any]]:
@@ -667,12 +674,25 @@ def compare_rows(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 @pages.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, session: SessionDep, ids: Annotated[list[str], Query()] = []) -> HTMLResponse:  # noqa: B006
-    wanted = parse_ids(ids)
+def compare_page(
+    request: Request, session: SessionDep, ids: Annotated[list[str] | None, Query()] = None
+) -> HTMLResponse:
+    wanted = parse_ids(ids or [])
     runs = session.exec(select(Run).where(col(Run.id).in_(wanted))).all() if wanted else []
     runs = sorted(runs, key=lambda r: (r.learning_rate, r.id or 0))
     context = {"runs": runs, "rows": compare_rows(list(runs)), "sweep": None, "analysis": None}
     return render(request, "compare.html", context)
+
+
+def sweep_analysis(runs: list[Run]) -> dict[str, Any] | None:
+    """The sweep's ranking and recommended rate, once some of its runs have their analysis."""
+    if not any(r.summary for r in runs):
+        return None
+    from app.analysis import summarize_sweep
+
+    return summarize_sweep(
+        [{"id": r.id, "learning_rate": r.learning_rate, "status": r.status, "summary": r.summary} for r in runs]
+    )
 
 
 @pages.get("/sweeps/{sweep_id}", response_class=HTMLResponse)

@@ -369,7 +369,7 @@ def test_compare_page_lists_the_chosen_runs_by_learning_rate(client: TestClient,
         a_run(name="slow", learning_rate=1e-4, summary=summary, verdict="ok"),
         a_run(name="not chosen"),
     )
-    soup = page(client, f"/compare?ids={ids[0]},{ids[1]}&ids=999")
+    soup = page(client, f"/compare?ids={ids[0]},{ids[1]}&ids=999,x,{2**70}")
     rows = soup.select("#compare-table tbody tr")
     assert [text(r.find("td")) for r in rows] == ["slow", "fast"]
     slow = [text(td) for td in rows[0].find_all("td")]
