@@ -27,8 +27,6 @@ EVAL_KEY = "eval_loss"
 METRIC_KEYS = (*STEP_COLUMNS, EVAL_KEY)
 DEFAULT_KEYS = ("loss",)
 CSV_COLUMNS = ("step", *STEP_COLUMNS, EVAL_KEY)
-# SQLite >= 3.44 can order an aggregate's input; before that, the primary-key scan gives step order.
-_IN_STEP_ORDER = " ORDER BY step" if sqlite3.sqlite_version_info >= (3, 44, 0) else ""
 _FLOAT_MAX = "1.7976931348623157e308"
 
 
@@ -202,7 +200,11 @@ def read_metrics(
 def _json_by_sqlite(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> str:
     """The `"steps":..,"series":{..}` members, every point, with the arrays written by SQLite.
 
-    Only when every eval row has a step row (the usual case): evals then join the step rows.
+    Only when every eval row has a step row (the usual case): evals then join the step rows. The
+    arrays come out in step order because the query is a range search of the tables' primary key
+    (run_id, step), which SQLite walks in key order (a test inserts rows shuffled to hold it to that).
+    An `ORDER BY` inside the aggregates (SQLite >= 3.44) would make SQLite sort every array again:
+    2.4 times slower, for nothing.
     """
     step_keys = _step_keys(keys)
     if step_keys:
@@ -212,10 +214,10 @@ def _json_by_sqlite(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], 
         main = "s"
     else:
         source, main = "eval_metrics e", "e"
-    arrays = [f"json_group_array({main}.step{_IN_STEP_ORDER})"]
+    arrays = [f"json_group_array({main}.step)"]
     for key in keys:  # from METRIC_KEYS only; inf has no JSON form, so it becomes null like NaN
         ref = f"e.{key}" if key == EVAL_KEY else f"s.{key}"
-        arrays.append(f"json_group_array(CASE WHEN abs({ref}) <= {_FLOAT_MAX} THEN {ref} END{_IN_STEP_ORDER})")
+        arrays.append(f"json_group_array(CASE WHEN abs({ref}) <= {_FLOAT_MAX} THEN {ref} END)")
     sql = f"SELECT {', '.join(arrays)} FROM {source} WHERE {main}.run_id = ? AND {main}.step > ?"
     steps, *series = conn.execute(sql, (run_id, since)).fetchone()
     members = ",".join(f"{json.dumps(k)}:{v}" for k, v in zip(keys, series, strict=True))

@@ -94,6 +94,14 @@ def test_every_step_comes_back_exactly_and_in_order(db: sqlite3.Connection) -> N
     python = read_metrics(db, run_id, ["loss", "lr", "tokens"])
     assert python.steps == body["steps"] and python.series["lr"] == body["series"]["lr"]
 
+    evals = [(run_id, s, s / 1000, 0.0) for s in range(500, 0, -10)]  # also out of order
+    db.executemany("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)", evals)
+    joined = json.loads(metrics_json(db, run_id, ["loss", "eval_loss"]))
+    assert joined["steps"] == list(range(1, 501))
+    assert joined["series"]["loss"] == body["series"]["loss"]
+    assert [v for v in joined["series"]["eval_loss"] if v is not None] == [s / 1000 for s in range(10, 501, 10)]
+    assert joined["series"]["eval_loss"][9] == 0.01 and joined["series"]["eval_loss"][10] is None
+
 
 def test_non_finite_values_become_null(db: sqlite3.Connection) -> None:
     run_id = add_run(db)
