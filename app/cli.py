@@ -37,8 +37,7 @@ def serve(settings: Settings) -> int:
     from app.main import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    upgrade(settings.database_url)
-    uvicorn.run(
+    uvicorn.run(  # the app upgrades the database and starts the job runner as it starts
         create_app(settings),
         host=settings.host,
         port=settings.port,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -38,3 +40,13 @@ def test_upgrade_is_idempotent_and_keeps_data(settings: Settings) -> None:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert version == ScriptDirectory(str(ALEMBIC_DIR)).get_current_head()
     assert {"runs", "step_metrics", "eval_metrics", "sweeps", "datasets"} <= tables
+
+
+def test_stepscope_db_upgrade_creates_the_database(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    assert main(["db", "upgrade"]) == 0
+    assert "newest schema" in capsys.readouterr().out
+    with sqlite3.connect(home / "stepscope.db") as conn:
+        (version,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert version == ScriptDirectory(str(ALEMBIC_DIR)).get_current_head()
