@@ -73,29 +73,40 @@ def _step_keys(keys: Sequence[str]) -> list[str]:
 @dataclass
 class _Span:
     n: int
-    """Steps that have a value of some requested key (an upper bound when evals are requested)."""
-    first: int | None
-    last: int | None
+    """Steps with a value of some requested key, counted up to the downsampling limit + 1 only."""
     eval_only: int
     """Eval rows at steps without a step row (an eval before the first step), when step keys are asked too."""
 
 
-def _span(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> _Span:
-    n, first, last, eval_only = 0, None, None, 0
-    if _step_keys(keys):
-        sql = "SELECT count(*), min(step), max(step) FROM step_metrics WHERE run_id = ? AND step > ?"
-        n, first, last = conn.execute(sql, (run_id, since)).fetchone()
+_NO_STEP_ROW = " AND NOT EXISTS (SELECT 1 FROM step_metrics s WHERE s.run_id = e.run_id AND s.step = e.step)"
+
+
+def _span(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int, max_points: int | None) -> _Span:
+    # Counting stops at max_points + 1 rows: enough to decide on downsampling, without a full scan.
+    limit = -1 if max_points is None else max_points + 1
+    n = eval_only = 0
+    if _step_keys(keys) and max_points is not None:
+        sql = "SELECT count(*) FROM (SELECT 1 FROM step_metrics WHERE run_id = ? AND step > ? LIMIT ?)"
+        n = conn.execute(sql, (run_id, since, limit)).fetchone()[0]
     if EVAL_KEY in keys:
-        sql = "SELECT count(*), min(step), max(step) FROM eval_metrics e WHERE run_id = ? AND step > ?"
-        if _step_keys(keys):
-            sql += " AND NOT EXISTS (SELECT 1 FROM step_metrics s WHERE s.run_id = e.run_id AND s.step = e.step)"
-        count, eval_first, eval_last = conn.execute(sql, (run_id, since)).fetchone()
-        if count:
-            n += count
-            first = eval_first if first is None else min(first, eval_first)
-            last = eval_last if last is None else max(last, eval_last)
-            eval_only = count if _step_keys(keys) else 0
-    return _Span(n, first, last, eval_only)
+        rows = f"SELECT 1 FROM eval_metrics e WHERE run_id = ? AND step > ?{_NO_STEP_ROW if _step_keys(keys) else ''}"
+        count = conn.execute(f"SELECT count(*) FROM ({rows} LIMIT ?)", (run_id, since, limit)).fetchone()[0]
+        n += count
+        eval_only = count if _step_keys(keys) else 0
+    return _Span(n, eval_only)
+
+
+def _bounds(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> tuple[int, int] | None:
+    """The first and last step with a value of some requested key (primary-key lookups, no scan)."""
+    tables = (["step_metrics"] if _step_keys(keys) else []) + (["eval_metrics"] if EVAL_KEY in keys else [])
+    ends: list[int] = []
+    for table in tables:
+        sql = (
+            f"SELECT (SELECT min(step) FROM {table} WHERE run_id = ?1 AND step > ?2), "
+            f"(SELECT max(step) FROM {table} WHERE run_id = ?1 AND step > ?2)"
+        )
+        ends.extend(v for v in conn.execute(sql, (run_id, since)).fetchone() if v is not None)
+    return (min(ends), max(ends)) if ends else None
 
 
 def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> tuple[list[int], dict[str, list]]:
@@ -128,16 +139,19 @@ def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int
 
 
 def _extreme_steps(
-    conn: sqlite3.Connection, run_id: int, keys: Sequence[str], span: _Span, max_points: int
+    conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int, max_points: int
 ) -> list[int]:
     """The first and last step, and for each bucket of steps and each key the steps of its min and max.
 
     SQLite does the work: each bucket is a primary-key range, and `SELECT step, min(x)` takes `step`
     from the row holding the minimum, so no row reaches Python unless it is kept.
     """
-    assert span.first is not None and span.last is not None
+    bounds = _bounds(conn, run_id, keys, since)
+    if bounds is None:
+        return []
+    first, last = bounds
     n_buckets = max(1, (max_points - 2) // (2 * len(keys)))
-    width = max(1, math.ceil((span.last - span.first + 1) / n_buckets))
+    width = max(1, math.ceil((last - first + 1) / n_buckets))
     picks = []
     for key in keys:  # from METRIC_KEYS only
         table = "eval_metrics" if key == EVAL_KEY else "step_metrics"
@@ -150,8 +164,8 @@ def _extreme_steps(
         "WITH RECURSIVE b(lo) AS (SELECT :first UNION ALL SELECT lo + :width FROM b WHERE lo + :width <= :last) "
         f"SELECT {', '.join(picks)} FROM b"
     )
-    params = {"run": run_id, "first": span.first, "last": span.last, "width": width}
-    kept = {span.first, span.last}
+    params = {"run": run_id, "first": first, "last": last, "width": width}
+    kept = {first, last}
     for row in conn.execute(sql, params):
         kept.update(step for step in row if step is not None)
     return sorted(kept)
@@ -178,6 +192,23 @@ def _values_at(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], steps
     return {k: columns[k] for k in keys}
 
 
+def _budget(max_points: int | None, keys: Sequence[str]) -> int | None:
+    """At least the first and last step and one bucket's min and max of each key fit in an answer."""
+    return None if max_points is None else max(max_points, 2 + 2 * len(keys))
+
+
+def _read(
+    conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int, max_points: int | None, span: _Span
+) -> Metrics:
+    if max_points is not None and span.n > max_points:
+        steps = _extreme_steps(conn, run_id, keys, since, max_points)
+        columns = _values_at(conn, run_id, keys, steps)
+    else:
+        steps, columns = _load(conn, run_id, keys, since)
+    downsampled = len(steps) < span.n
+    return Metrics(run_id, steps, {k: _finite(v) for k, v in columns.items()}, downsampled)
+
+
 def read_metrics(
     conn: sqlite3.Connection,
     run_id: int,
@@ -187,14 +218,8 @@ def read_metrics(
 ) -> Metrics:
     """A run's series as Python lists (None for missing or non-finite values)."""
     since = -1 if since_step is None else since_step
-    span = _span(conn, run_id, keys, since)
-    if max_points is not None and span.n > max_points:
-        steps = _extreme_steps(conn, run_id, keys, span, max_points)
-        columns = _values_at(conn, run_id, keys, steps)
-    else:
-        steps, columns = _load(conn, run_id, keys, since)
-    downsampled = len(steps) < span.n
-    return Metrics(run_id, steps, {k: _finite(v) for k, v in columns.items()}, downsampled)
+    budget = _budget(max_points, keys)
+    return _read(conn, run_id, keys, since, budget, _span(conn, run_id, keys, since, budget))
 
 
 def _json_by_sqlite(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> str:
@@ -233,10 +258,11 @@ def metrics_members(
 ) -> str:
     """The JSON members `"steps":[..],"series":{..},"downsampled":..` of a run's metrics, built fast."""
     since = -1 if since_step is None else since_step
-    span = _span(conn, run_id, keys, since)
-    if (max_points is None or span.n <= max_points) and not span.eval_only:
+    budget = _budget(max_points, keys)
+    span = _span(conn, run_id, keys, since, budget)
+    if (budget is None or span.n <= budget) and not span.eval_only:
         return _json_by_sqlite(conn, run_id, keys, since)
-    metrics = read_metrics(conn, run_id, keys, since_step, max_points)
+    metrics = _read(conn, run_id, keys, since, budget, span)
     body = json.dumps({"steps": metrics.steps, "series": metrics.series, "downsampled": metrics.downsampled})
     return body[1:-1]
 

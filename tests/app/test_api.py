@@ -309,8 +309,13 @@ def test_metrics_json_csv_compare_and_events(client: TestClient, db: sqlite3.Con
     }
     assert client.get(f"/api/runs/{a}/metrics").json()["series"] == {"loss": [3.0, 2.0, 1.0, 0.5]}
     assert client.get(f"/api/runs/{a}/metrics?since_step=2").json()["steps"] == [3, 4]
-    small = client.get(f"/api/runs/{a}/metrics?keys=loss&max_points=2").json()
-    assert small["downsampled"] is True and small["steps"] == [1, 4]
+    enough = client.get(f"/api/runs/{a}/metrics?keys=loss&max_points=4").json()
+    assert enough["downsampled"] is False and enough["steps"] == [1, 2, 3, 4]
+    spiky = client.post("/api/runs", json=TINY).json()["id"]
+    add_steps(db, spiky, [1.0] * 500 + [40.0] + [1.0] * 499)
+    small = client.get(f"/api/runs/{spiky}/metrics?keys=loss&max_points=50").json()
+    assert small["downsampled"] is True and len(small["steps"]) <= 50 and 501 in small["steps"]
+    assert max(small["series"]["loss"]) == 40.0
     bad = client.get(f"/api/runs/{a}/metrics?keys=loss,nope")
     assert bad.status_code == 422 and "nope" in errors(bad)["query.keys"]
 
