@@ -270,7 +270,10 @@ def _exit_reason(code: int | None) -> str:
     if code is None:
         return "its process ended"
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""
         return f"its process was killed by {name}{hint}"
     return f"its process exited with code {code} without recording a result"
@@ -324,7 +327,7 @@ class JobRunner:
 
     # --- life cycle ---
 
-    def start(self, *, thread: bool = True) -> None:
+    def start(self) -> None:
         """Take the data directory's lock, settle what a previous server left behind, start polling."""
         self.settings.home.mkdir(parents=True, exist_ok=True)
         lock = (self.settings.home / "runner.lock").open("w")
@@ -336,10 +339,9 @@ class JobRunner:
             return
         self._lock_file, self.active = lock, True
         self.tick()
-        if thread:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="stepscope-jobs", daemon=True)
-            self._thread.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="stepscope-jobs", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop polling; SIGTERM every job, SIGKILL what is left after `timeout`; none stays `running`."""
@@ -362,6 +364,9 @@ class JobRunner:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         job.proc.wait(5)
             self._settle(job, RunStatus.interrupted, "the server stopped while the run was going")
+        for job in self.jobs.values():
+            for fh in job.files:
+                fh.close()
         self.jobs.clear()
         assert self._lock_file is not None
         self._lock_file.close()

@@ -382,6 +382,15 @@ def test_a_public_address_without_token_is_refused(home: Path, capsys: pytest.Ca
     assert "STEPSCOPE_TOKEN" in capsys.readouterr().err
 
 
+def test_stepscope_train_hands_its_arguments_to_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    assert "--learning-rate" in capsys.readouterr().out
+
+
 # --- the app -----------------------------------------------------------------------------------------------
 
 
