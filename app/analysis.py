@@ -62,6 +62,10 @@ STALLED_END_ABOVE_BEST = 0.2
 # Slow: at least 15% of the net decrease came in the last quarter (a linear descent gives 25%, an
 # exponential one that has converged about 0%).
 SLOW_LAST_QUARTER_DROP = 0.15
+# ... and slow for any update ratio when, besides, the loss has fallen by less than 15% of where it
+# started. LoRA's update ratios run high (B starts at zero, so its norm is small), which hides a too-small
+# rate from the update-ratio test alone; on the tiny model an SGD rate 100x too small drops the loss ~6%.
+SLOW_NET_DECREASE = 0.15
 # Diverged: the smoothed loss ended above 4x its best, the factor at which fastai's LR finder stops.
 DIVERGED_LOSS_FACTOR = 4.0
 
@@ -415,6 +419,13 @@ def _too_high_reason(s: dict[str, Any]) -> str | None:
             f"{first:.4g} over the first): the steps are too large to make progress."
         )
     give_back = s["end_above_best_frac"]
+    late = s["last_quarter_drop_frac"]
+    if ratio is not None and ratio > UPDATE_RATIO_HIGH and late is not None and late < 0:
+        return (
+            f"The loss rose over the last quarter of the run ({-late:.0%} of its decrease given back) with a "
+            f"median update ratio of {ratio:.1e}, {ratio / UPDATE_RATIO_TARGET:.0f}x the usual 1e-3: "
+            "the step size is too large to settle."
+        )
     if give_back is None or give_back < STALLED_END_ABOVE_BEST:
         return None
     n_spikes = s["spike_count"] + s["grad_spike_count"]
@@ -440,8 +451,16 @@ def _too_low_reason(s: dict[str, Any]) -> str | None:
             f"The loss barely moved ({first:.4g} to {last:.4g}) with a median update ratio of {ratio:.1e}, "
             "far below the usual 1e-3: the step size is too small."
         )
-    if late is None or late < SLOW_LAST_QUARTER_DROP or (ratio is not None and ratio >= UPDATE_RATIO_LOW):
+    if late is None or late < SLOW_LAST_QUARTER_DROP:
         return None
+    net = (first - last) / abs(first) if first else None
+    if ratio is not None and ratio >= UPDATE_RATIO_LOW and (net is None or net >= SLOW_NET_DECREASE):
+        return None
+    if ratio is not None and ratio >= UPDATE_RATIO_LOW:
+        return (
+            f"The loss fell only {net:.0%} ({first:.4g} to {last:.4g}) and was still falling steadily "
+            f"({late:.0%} of its decrease came in the last quarter): the step size is too small."
+        )
     step_size = (
         f"a median update ratio of {ratio:.1e}, far below the usual 1e-3" if ratio is not None else "no update ratio"
     )

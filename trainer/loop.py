@@ -397,6 +397,8 @@ def train(
         if outcome.status != "diverged":
             save_adapter(s, home / "runs" / str(run_id))
         summary = history.summary(outcome.status, cfg.kind)
+        if outcome.error:  # the trainer saw what went wrong; the stored rows hold no NaN to show it
+            summary["reason"] = f"The run diverged: {outcome.error}."
     except Exception as exc:
         recorder.update_run(status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
         raise

@@ -427,3 +427,20 @@ def test_sweep_lrs_are_log_spaced_around_the_center() -> None:
     assert sweep_lrs(1e-3) == [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2]
     assert sweep_lrs(2e-4, n=3) == [2e-5, 2e-4, 2e-3]
     assert sweep_lrs(5e-4, n=1) == [5e-4]
+
+
+def test_barely_falling_loss_is_too_low_even_with_lora_sized_update_ratio() -> None:
+    # 6.0 -> 5.5 in a straight line: 8% net decrease, a quarter of it in the last quarter, ratio 5e-4.
+    s = _run([6 - 0.0005 * t for t in STEPS], update_ratio=5e-4)
+    assert s["verdict"] == "too_low"
+    assert "fell only 8%" in s["reason"]
+
+
+def test_loss_rising_again_at_the_end_with_large_updates_is_too_high() -> None:
+    # Falls from 6 to 2 over the first half, then drifts back up to 2.4: gives back 10% of its decrease.
+    losses = [6 - 4 * t / 500 if t < 500 else 2 + 0.4 * (t - 500) / 500 for t in STEPS]
+    s = _run(losses, update_ratio=2e-2)
+    assert s["last_quarter_drop_frac"] < 0
+    assert s["verdict"] == "too_high"
+    assert "rose over the last quarter" in s["reason"]
+    assert _run(losses, update_ratio=1e-3)["verdict"] != "too_high"  # small steps: not the step size's fault
