@@ -8,6 +8,7 @@ thread owns the write connection and commits whatever has queued up in one trans
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -34,9 +35,14 @@ def default_name(cfg: TrainConfig) -> str:
     return cfg.name or f"{cfg.optimizer} lr={cfg.learning_rate:g} bs={cfg.batch_size}"
 
 
-def new_run(database_url: str, cfg: TrainConfig, *, sweep_id: int | None = None) -> int:
-    """Insert a queued run for `cfg` and return its id."""
+def new_run(database_url: str, cfg: TrainConfig) -> int:
+    """Insert a run that this process is about to train and return its id.
+
+    It is `running` with this pid from the start, so a server's job runner never starts it a second time.
+    """
     run = Run(
+        status=RunStatus.running,
+        pid=os.getpid(),
         name=default_name(cfg),
         kind=cfg.kind,
         model=cfg.model,
@@ -44,8 +50,7 @@ def new_run(database_url: str, cfg: TrainConfig, *, sweep_id: int | None = None)
         learning_rate=cfg.learning_rate,
         batch_size=cfg.batch_size,
         optimizer=cfg.optimizer,
-        sweep_id=sweep_id,
-        config=cfg.model_dump(),
+        config=cfg.model_dump(mode="json"),
     )
     engine = make_engine(database_url)
     try:
