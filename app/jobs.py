@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.3
 STDERR_TAIL_LINES = 20
 MAX_SWEEP_RUNS = 50
-RANGE_TEST_STEPS = 100  # the trainer's step count for an lr range test without max_steps
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -62,7 +61,7 @@ class Plan(NamedTuple):
 def _plan(session: Session, config: TrainConfig) -> Plan:
     """Check that the model and dataset exist and compute the step plan, or raise ConfigError."""
     # trainer.models and trainer.data import torch (seconds): only the first run created pays for it.
-    from trainer.data import BUILTIN_DATASETS, EVAL_FRACTION, MAX_EVAL, plan_steps
+    from trainer.data import BUILTIN_DATASETS, plan_steps, split_sizes
     from trainer.models import ModelError, check_model
 
     try:
@@ -82,9 +81,8 @@ def _plan(session: Session, config: TrainConfig) -> Plan:
             )
         # The trainer holds out 10% (at most 200) of a file of 10 or more records for eval loss.
         n_rows = upload.n_rows
-        n_train = n_rows - (min(MAX_EVAL, int(n_rows * EVAL_FRACTION)) if n_rows >= 10 else 0)
-    max_steps = config.max_steps or (RANGE_TEST_STEPS if config.kind == "lr_range_test" else None)
-    per_epoch, total = plan_steps(n_train, config.batch_size, config.grad_accum_steps, config.epochs, max_steps)
+        n_train = split_sizes(n_rows)[0]
+    per_epoch, total = plan_steps(n_train, config.batch_size, config.grad_accum_steps, config.epochs, config.step_limit)
     return Plan(n_train, per_epoch, total)
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_DATASET = "synthetic-arithmetic"
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+RANGE_TEST_STEPS = 100
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,13 @@ class TrainConfig(BaseModel):
         if any(not m.strip() for m in value):
             raise ValueError("module names must not be empty")
         return [m.strip() for m in value]
+
+    @property
+    def step_limit(self) -> int | None:
+        """Optimizer steps when fixed by max_steps (an lr range test without it takes 100), else None."""
+        if self.max_steps is None and self.kind == "lr_range_test":
+            return RANGE_TEST_STEPS
+        return self.max_steps
 
     # Cross-field checks sit on the later field, so the error names the field a user should change.
     @field_validator("momentum")

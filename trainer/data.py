@@ -176,6 +176,12 @@ def resolve_dataset(spec: str, datasets_dir: Path) -> Path | None:
     raise DataError(f"unknown dataset {spec!r}: use one of {', '.join(BUILTIN_DATASETS)}, or a JSONL/CSV file")
 
 
+def split_sizes(n_rows: int) -> tuple[int, int]:
+    """(n_train, n_eval) of a user file of `n_rows` records."""
+    n_eval = min(MAX_EVAL, int(n_rows * EVAL_FRACTION)) if n_rows >= 10 else 0
+    return n_rows - n_eval, n_eval
+
+
 def load_examples(spec: str, datasets_dir: Path, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples. A user file is split by a seeded shuffle: 10% (at most 200) held out."""
     path = resolve_dataset(spec, datasets_dir)
@@ -184,7 +190,7 @@ def load_examples(spec: str, datasets_dir: Path, seed: int) -> tuple[list[Exampl
     _, examples = read_file(path)
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = min(MAX_EVAL, int(len(examples) * EVAL_FRACTION)) if len(examples) >= 10 else 0
+    n_eval = split_sizes(len(examples))[1]
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 

@@ -115,9 +115,8 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
     trainable, total = count_params(model)
     train_enc = [tokenize(e, tok, cfg.max_seq_len) for e in train_examples]
     eval_enc = [tokenize(e, tok, cfg.max_seq_len) for e in eval_examples[:MAX_EVAL_EXAMPLES]]
-    steps_default = 100 if cfg.kind == "lr_range_test" else None
     per_epoch, total_steps = plan_steps(
-        len(train_enc), cfg.batch_size, cfg.grad_accum_steps, cfg.epochs, cfg.max_steps or steps_default
+        len(train_enc), cfg.batch_size, cfg.grad_accum_steps, cfg.epochs, cfg.step_limit
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
