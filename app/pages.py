@@ -8,8 +8,6 @@ us, but it cannot read our cookie, so it cannot forge the field.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import re
 import secrets
@@ -31,17 +29,16 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.templating import Jinja2Templates
 
 from app import jobs
-from app.config import Settings
 from app.deps import MAX_ID, RunId, SessionDep, SettingsDep
 from app.models import FINISHED, Dataset, Run, RunStatus, Sweep
 from app.routers.datasets import save_dataset
 from app.routers.metrics import MAX_COMPARE_RUNS
+from app.security import AUTH_COOKIE, auth_cookie_value, signed_in
 from trainer.config import ConfigError, TrainConfig, field_help
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 CSRF_COOKIE = "stepscope_csrf"
 CSRF_FIELD = "csrf_token"
-AUTH_COOKIE = "stepscope_auth"
 # --- formatting ---------------------------------------------------------------------------------------
 
 
@@ -133,20 +130,6 @@ async def checked_form(request: Request) -> FormData:
 
 
 CheckedForm = Annotated[FormData, Depends(checked_form)]
-
-
-def auth_cookie_value(token: str) -> str:
-    """What the sign-in cookie holds: derived from the token, so the cookie never holds the token itself."""
-    return hmac.new(token.encode(), b"stepscope dashboard sign-in", hashlib.sha256).hexdigest()
-
-
-def signed_in(request: Request, settings: Settings) -> bool:
-    """True without a token; with one, the browser must have signed in (it then holds the cookie)."""
-    if not settings.token:
-        return True
-    return secrets.compare_digest(
-        request.cookies.get(AUTH_COOKIE, "").encode(), auth_cookie_value(settings.token).encode()
-    )
 
 
 def require_sign_in(request: Request, settings: SettingsDep) -> None:
@@ -293,9 +276,9 @@ class DatasetChoice:
 
 def uploaded_n_train(n_rows: int) -> int:
     """Training examples of an uploaded file: the trainer holds out 10% (at most 200) for eval."""
-    from trainer.data import EVAL_FRACTION, MAX_EVAL
+    from trainer.data import split_sizes
 
-    return n_rows - (min(MAX_EVAL, int(n_rows * EVAL_FRACTION)) if n_rows >= 10 else 0)
+    return split_sizes(n_rows)[0]
 
 
 def dataset_choices(session: Session, current: str) -> tuple[list[DatasetChoice], list[DatasetChoice]]:
@@ -726,7 +709,7 @@ def login(request: Request, settings: SettingsDep, form: CheckedForm) -> Respons
     if (
         not settings.token
         or not isinstance(sent, str)
-        or not hmac.compare_digest(sent.encode(), settings.token.encode())
+        or not secrets.compare_digest(sent.encode(), settings.token.encode())
     ):
         return render(request, "login.html", {"next": target, "error": "That is not the server's token."}, 401)
     response = RedirectResponse(target, 303)

@@ -406,3 +406,21 @@ def test_openapi_documents_the_api_and_plotly_is_served_locally(client: TestClie
     assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/TrainConfig")
     plotly = client.get("/static/vendor/plotly.min.js")
     assert plotly.status_code == 200 and "plotly" in plotly.text[:2000].lower()
+
+
+def test_public_server_lets_a_signed_in_browser_read_but_not_write(home, monkeypatch) -> None:
+    """On a public address the dashboard's scripts read the API with the sign-in cookie; writes need the token."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.main import create_app
+    from app.security import AUTH_COOKIE, auth_cookie_value
+
+    settings = Settings(host="0.0.0.0", token="s3cret")
+    with TestClient(create_app(settings, run_jobs=False)) as client:
+        assert client.get("/api/runs").status_code == 401
+        client.cookies.set(AUTH_COOKIE, auth_cookie_value("s3cret"))
+        assert client.get("/api/runs").status_code == 200
+        assert client.post("/api/runs", json={"model": "tiny-random-llama"}).status_code == 401
+        client.cookies.set(AUTH_COOKIE, auth_cookie_value("wrong"))
+        assert client.get("/api/runs").status_code == 401
