@@ -48,6 +48,7 @@ class Setup:
     device: torch.device
     autocast_dtype: torch.dtype | None
     params: list[torch.nn.Parameter]
+    weights: list[torch.Tensor]  # detached views of `params` (made once: building them is per-step Python work)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     batches: Iterator[list[Batch]]
@@ -135,6 +136,7 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         device=device,
         autocast_dtype=pick_precision(cfg, device),
         params=params,
+        weights=[p.detach() for p in params],
         optimizer=optimizer,
         scheduler=make_scheduler(cfg, optimizer, total_steps),
         batches=step_batches(train_enc, cfg.batch_size, cfg.grad_accum_steps, tok.pad_token_id, cfg.seed),
@@ -175,15 +177,15 @@ def apply_update(
         grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.cfg.max_grad_norm, foreach=True)
     else:
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    torch._foreach_copy_(before, [p.detach() for p in s.params])
+    torch._foreach_copy_(before, s.weights)
     scaler.step(s.optimizer)
     scaler.update()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     # before <- before - after: the update, in place (no new allocations); its norm is ‖θ_after − θ_before‖.
-    torch._foreach_sub_(before, [p.detach() for p in s.params])
+    torch._foreach_sub_(before, s.weights)
     update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
-    param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in s.params])))
+    param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(s.weights)))
     return grad_norm.float(), update_norm, param_norm
 
 
@@ -200,42 +202,91 @@ def evaluate(s: Setup) -> torch.Tensor | None:
 # --- recording -----------------------------------------------------------------------------------------
 
 
-class StepBuffer:
-    """Per-step metrics stay on the device; rows reach the host in batches.
+HostFields = tuple[int, float, int, int, float, float, float]  # step, epoch, samples, tokens, lr, wall, dt
+StepRow = tuple[Any, ...]  # (step, *STEP_COLUMNS)
+EvalRow = tuple[int, float | None, float]  # (step, eval_loss, wall_time)
 
-    Calling `.item()` on a GPU tensor waits for the GPU to finish every queued kernel; doing that each
-    step would stall the loop. Instead each step writes its device scalars into a device tensor, and
-    one `.tolist()` per flush copies a whole batch of steps at once.
-    """
 
-    def __init__(self, device: torch.device) -> None:
-        self.values = torch.zeros((FLUSH_STEPS, 4), device=device)
-        self.host: list[tuple[int, float, int, int, float, float, float]] = []
-        self.evals: list[tuple[int, torch.Tensor, float]] = []
-        self.last_flush = time.monotonic()
+@dataclass
+class _Copy:
+    """A batch of steps on its way to the host: the copy is queued on the GPU, `event` says when it landed."""
 
-    def add(self, device_values: list[torch.Tensor], host_values: tuple[int, float, int, int, float, float, float]):
-        self.values[len(self.host)] = torch.stack(device_values)
-        self.host.append(host_values)
+    host: list[HostFields]
+    evals: list[tuple[int, float]]
+    values: torch.Tensor
+    eval_values: torch.Tensor | None
+    event: torch.cuda.Event | None
 
-    def due(self) -> bool:
-        return len(self.host) >= FLUSH_STEPS or time.monotonic() - self.last_flush >= FLUSH_SECONDS
+    def landed(self) -> bool:
+        return self.event is None or self.event.query()
 
-    def drain(self) -> tuple[list[tuple[Any, ...]], list[tuple[int, float | None, float]]]:
-        """Copy the batch to the host (the one sync) and return step rows and eval rows."""
-        values = self.values[: len(self.host)].tolist()
-        eval_values = torch.stack([v for _, v, _ in self.evals]).tolist() if self.evals else []
+    def rows(self) -> tuple[list[StepRow], list[EvalRow]]:
+        if self.event is not None:
+            self.event.synchronize()  # only waits when asked for rows that have not landed (the run's end)
         rows = []
-        for (step, epoch, samples, tokens, lr, wall, dt), (loss, gn, un, pn) in zip(self.host, values, strict=True):
+        for (step, epoch, samples, tokens, lr, wall, dt), (loss, gn, un, pn) in zip(
+            self.host, self.values.tolist(), strict=True
+        ):
             update_ratio = un / pn if pn > 0 else None
             step_scale = un / (lr * gn) if lr > 0 and gn > 0 and math.isfinite(gn) else None
             rows.append((step, epoch, samples, tokens, _finite(loss), lr, _finite(gn), _finite(un), _finite(pn),
                          update_ratio, step_scale, wall, dt))  # fmt: skip
-        evals = [(step, _finite(v), wall) for (step, _, wall), v in zip(self.evals, eval_values, strict=True)]
-        self.host.clear()
-        self.evals.clear()
-        self.last_flush = time.monotonic()
+        eval_values = self.eval_values.tolist() if self.eval_values is not None else []
+        evals = [(step, _finite(v), wall) for (step, wall), v in zip(self.evals, eval_values, strict=True)]
         return rows, evals
+
+
+class StepBuffer:
+    """Per-step metrics stay on the device; rows reach the host in batches, without the loop ever waiting.
+
+    Calling `.item()` on a GPU tensor waits for the GPU to finish every queued kernel; doing that each
+    step would stall the loop (and even one wait per batch drains the GPU's queue). Instead each step
+    writes its device scalars into a device tensor; every FLUSH_STEPS steps or FLUSH_SECONDS the batch
+    is copied to pinned host memory asynchronously, and a CUDA event tells later steps when it landed.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.values = torch.zeros((FLUSH_STEPS, 4), device=device)
+        self.host: list[HostFields] = []
+        self.evals: list[tuple[int, torch.Tensor, float]] = []
+        self.in_flight: list[_Copy] = []
+        self.last_copy = time.monotonic()
+
+    def add(self, device_values: list[torch.Tensor], host_values: HostFields) -> None:
+        self.values[len(self.host)] = torch.stack(device_values)
+        self.host.append(host_values)
+
+    def due(self) -> bool:
+        return len(self.host) >= FLUSH_STEPS or time.monotonic() - self.last_copy >= FLUSH_SECONDS
+
+    def start_copy(self) -> None:
+        """Queue the copy of the buffered steps to the host. Later writes to the device buffer are queued
+        behind it on the same stream, so the buffer can be reused at once."""
+        values = self.values[: len(self.host)]
+        evals = torch.stack([v for _, v, _ in self.evals]) if self.evals else None
+        event = None
+        if self.device.type == "cuda":
+            values = _to_pinned(values)
+            evals = _to_pinned(evals) if evals is not None else None
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            values = values.clone()
+        meta = [(step, wall) for step, _, wall in self.evals]
+        self.in_flight.append(_Copy(self.host, meta, values, evals, event))
+        self.host, self.evals, self.last_copy = [], [], time.monotonic()
+
+    def arrived(self, wait: bool = False) -> Iterator[tuple[list[StepRow], list[EvalRow]]]:
+        """Rows of the copies that have reached the host, oldest first (all of them when `wait`)."""
+        while self.in_flight and (wait or self.in_flight[0].landed()):
+            yield self.in_flight.pop(0).rows()
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 def _finite(x: float) -> float | None:
@@ -285,12 +336,13 @@ class History:
         return result
 
 
-def flush(buffer: StepBuffer, guard: DivergenceGuard, recorder: Recorder, history: History) -> tuple[str, int] | None:
-    """Hand the buffered rows to the writer; return (reason, step) if the run diverged.
+def record(
+    rows: list[StepRow], evals: list[EvalRow], guard: DivergenceGuard, recorder: Recorder, history: History
+) -> tuple[str, int] | None:
+    """Hand rows that reached the host to the writer; return (reason, step) if the run diverged.
 
     Rows up to and including the first bad step are kept; steps computed after it are dropped.
     """
-    rows, evals = buffer.drain()
     problem = None
     for i, row in enumerate(rows):
         reason = guard.check(row[0], row[4], row[6])
@@ -347,9 +399,12 @@ def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, hist
         if progress is not None:
             progress.update(1)
 
-        # stop conditions: divergence is checked when a batch of metrics reaches the host
-        if buffer.due() or stop.requested or step == s.total_steps:
-            problem = flush(buffer, guard, recorder, history)
+        # stop conditions: divergence is checked as batches of metrics reach the host
+        last_step = stop.requested or step == s.total_steps
+        if buffer.due() or last_step:
+            buffer.start_copy()
+        for rows, evals in buffer.arrived(wait=last_step):
+            problem = record(rows, evals, guard, recorder, history)
             if problem and cfg.kind == "lr_range_test":
                 return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
             if problem:
