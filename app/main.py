@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings, get_settings
 from app.db import make_engine, upgrade
 from app.jobs import Conflict, JobRunner, NotFound
-from app.routers import datasets, health, metrics, models, runs, sweeps
+from app.routers import datasets, health, lr_range, metrics, models, runs, sweeps
 from trainer.config import ConfigError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
     app.state.settings = settings
     app.state.engine = engine
     app.state.runner = runner
-    for module in (runs, sweeps, metrics, datasets, models, health):
+    for module in (runs, sweeps, lr_range, metrics, datasets, models, health):
         app.include_router(module.router)
     if importlib.util.find_spec("app.pages") is not None:
         from app import pages

@@ -1,4 +1,5 @@
-"""The dashboard's HTML pages: runs list, new-run form, run page, compare page and sweep page.
+"""The dashboard's HTML pages: runs list, new-run form, run page (with an LR range test's chart and its
+one-click sweep), compare page and sweep page.
 
 Pages are rendered here; their charts fetch data from the JSON API (see static/*.js), so a page
 load never waits for metric rows. Every form post carries a CSRF token: a random value in a cookie
@@ -29,12 +30,14 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.templating import Jinja2Templates
 
 from app import jobs
+from app.analysis import RANGE_TEST_SMOOTHING, summarize_sweep
 from app.deps import MAX_ID, RunId, SessionDep, SettingsDep
 from app.models import FINISHED, Dataset, Run, RunStatus, Sweep
 from app.routers.datasets import save_dataset
+from app.routers.lr_range import range_test_name, suggested_sweep
 from app.routers.metrics import MAX_COMPARE_RUNS
 from app.security import AUTH_COOKIE, auth_cookie_value, signed_in
-from trainer.config import ConfigError, TrainConfig, field_help
+from trainer.config import RANGE_TEST_STEPS, ConfigError, TrainConfig, field_help
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 CSRF_COOKIE = "stepscope_csrf"
@@ -151,13 +154,14 @@ def not_found(request: Request, what: str) -> HTMLResponse:
 
 # --- the new-run form's fields ------------------------------------------------------------------------
 
+RANGE_GROUP = "LR range test (kind = lr_range_test)"
 FIELD_GROUPS: list[tuple[str, list[str]]] = [
     ("Run", ["name", "model", "dataset", "kind"]),
     ("Optimizer", ["learning_rate", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_steps"]),
     ("Length", ["batch_size", "grad_accum_steps", "epochs", "max_steps", "max_seq_len", "eval_every"]),
     ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"]),
     ("Stability", ["max_grad_norm", "seed", "device", "precision"]),
-    ("LR range test (kind = lr_range_test)", ["range_min_lr", "range_max_lr"]),
+    (RANGE_GROUP, ["range_min_lr", "range_max_lr"]),
 ]
 LABELS = {
     "kind": "Kind",
@@ -171,6 +175,12 @@ LABELS = {
     "max_grad_norm": "Max gradient norm",
     "range_min_lr": "Range: first lr",
     "range_max_lr": "Range: last lr",
+}
+CHOICE_LABELS = {
+    "kind": {
+        "train": "train: one run at the learning rate below",
+        "lr_range_test": "lr_range_test: find a learning rate (LR range test)",
+    },
 }
 
 
@@ -202,7 +212,8 @@ def _widget(name: str) -> tuple[str, str, list[tuple[str, str]]]:
     """(widget, inputmode, choices) for a TrainConfig field, from its type."""
     annotation = TrainConfig.model_fields[name].annotation
     if typing.get_origin(annotation) is typing.Literal:
-        return "select", "text", [(str(c), str(c)) for c in typing.get_args(annotation)]
+        labels = CHOICE_LABELS.get(name, {})
+        return "select", "text", [(str(c), labels.get(str(c), str(c))) for c in typing.get_args(annotation)]
     if annotation is bool:
         return "checkbox", "text", []
     args = set(typing.get_args(annotation)) or {annotation}
@@ -301,6 +312,8 @@ def plan_text(n_train: int | None, values: dict[str, str]) -> str:
         batch, accum = int(values["batch_size"]), int(values["grad_accum_steps"])
         epochs = float(values["epochs"])
         max_steps = int(values["max_steps"]) if values.get("max_steps", "").strip() else None
+        if max_steps is None and values.get("kind") == "lr_range_test":
+            max_steps = RANGE_TEST_STEPS  # TrainConfig.step_limit
     except (KeyError, ValueError):
         return ""
     if n_train is None or batch < 1 or accum < 1 or not epochs > 0:
@@ -501,6 +514,8 @@ def form_page(
     n_train = next((c.n_train for c in builtin + uploaded if c.value == values.get("dataset")), None)
     context = {
         "groups": grouped_fields(values, errors),
+        "range_group": RANGE_GROUP,
+        "range_test_steps": RANGE_TEST_STEPS,
         "errors": errors,
         "builtin_datasets": builtin,
         "uploaded_datasets": uploaded,
@@ -546,6 +561,8 @@ def new_run_submit(request: Request, session: SessionDep, form: CheckedForm) -> 
     errors.update(sweep_errors)
     if config is None or errors:
         return form_page(request, session, values, errors, sweep)
+    if config.kind == "lr_range_test" and not config.name:
+        config.name = range_test_name(config.model_dump())
     try:
         if rates:
             created_sweep = jobs.create_sweep(session, config, rates)
@@ -582,22 +599,41 @@ def run_page(request: Request, session: SessionDep, run_id: RunId) -> HTMLRespon
     if run is None:
         return not_found(request, f"Run {run_id}")
     sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None
+    range_test = (run.summary or {}).get("range_test") if run.kind == "lr_range_test" else None
     page = {
         "id": run.id,
+        "kind": run.kind,
         "status": run.status,
         "total_steps": run.total_steps,
         "steps_done": run.steps_done,
         "analysis_labels": ANALYSIS_LABELS,
+        "range_test": range_test,
+        "range_smoothing": RANGE_TEST_SMOOTHING,
     }
     context = {
         "run": run,
         "sweep": sweep,
+        "range_test": range_test,
         "page": page,
         "finished": run.status in FINISHED,
         "dataset_name": dataset_names(session).get(run.dataset, run.dataset),
         "analysis_labels": ANALYSIS_LABELS,
     }
     return render(request, "run.html", context)
+
+
+@pages.post("/runs/{run_id}/range-sweep", response_model=None)
+def range_test_sweep(request: Request, session: SessionDep, run_id: RunId, form: CheckedForm) -> Response:
+    """The range test page's button: a sweep of five rates around its suggestion, then the sweep's page."""
+    try:
+        created = suggested_sweep(session, run_id)
+    except jobs.NotFound:
+        return not_found(request, f"Run {run_id}")
+    except jobs.Conflict as exc:
+        return render(request, "error.html", {"title": "No sweep started", "message": str(exc)}, 409)
+    except ConfigError as exc:  # the test's config no longer fits (say, its uploaded dataset was deleted)
+        return render(request, "error.html", {"title": "No sweep started", "message": str(exc)}, 422)
+    return RedirectResponse(f"/sweeps/{created.id}", 303)
 
 
 @pages.post("/runs/{run_id}/cancel", response_model=None)
@@ -671,8 +707,6 @@ def sweep_analysis(runs: list[Run]) -> dict[str, Any] | None:
     """The sweep's ranking and recommended rate, once some of its runs have their analysis."""
     if not any(r.summary for r in runs):
         return None
-    from app.analysis import summarize_sweep
-
     return summarize_sweep(
         [{"id": r.id, "learning_rate": r.learning_rate, "status": r.status, "summary": r.summary} for r in runs]
     )

@@ -1,5 +1,6 @@
 // Compare and sweep pages: runs overlaid, coloured by learning rate (log scale), with linked panels for
-// lr, gradient norm, update ratio and step scale. Runs still going are polled once a second.
+// lr, gradient norm, update ratio and step scale. Runs still going are polled once a second; as they end,
+// their scores fill the table and a sweep's recommendation is fetched again.
 //
 // Data comes in two requests: the loss curves first (what the page is for: drawn, the page responds),
 // then the panels' four series. Each request is downsampled on the server keeping every bucket's
@@ -197,6 +198,10 @@
     return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
   }
 
+  function fmtScore(value) {
+    return Number.isInteger(value) ? String(value) : S.fmtNum(value, 3);
+  }
+
   function updateRow(run) {
     const row = document.querySelector(`#compare-table tr[data-run-id="${run.id}"]`);
     if (!row) return;
@@ -204,6 +209,15 @@
     if (run.live || row.querySelector(".cell-step-scale").textContent === "—") {
       // Before the analysis exists: the median of the plotted (possibly downsampled) values.
       row.querySelector(".cell-step-scale").textContent = S.fmtNum(median(run.panels.series.step_scale || []), 3);
+    }
+    if (run.live && run.summary) {
+      // The run ended: its analysis, as the page shows it after a reload.
+      for (const cell of row.querySelectorAll("[data-score]")) cell.textContent = fmtScore(run.summary[cell.dataset.score] ?? null);
+      const verdict = row.querySelector(".cell-verdict");
+      if (run.verdict) {
+        S.setBadge(verdict, run.verdict, "verdict", `lr ${run.verdict.replace("_", " ")}`);
+        verdict.firstChild.title = run.summary.reason || "";
+      }
     }
     if (run.live) {
       S.setBadge(row.querySelector(".cell-status"), run.status);
@@ -255,11 +269,41 @@
       status: info.status,
       steps_done: info.steps_done,
       total_steps: info.total_steps,
-      final_loss: info.last_loss,
-      best_loss: info.best_loss,
+      final_loss: info.summary?.final_loss ?? info.last_loss, // smoothed once the analysis exists
+      best_loss: info.summary?.best_loss ?? info.best_loss,
+      summary: info.summary,
+      verdict: info.verdict,
       finished: S.FINISHED.has(info.status),
     });
     updateRow(run);
+  }
+
+  // --- sweep: the recommendation, fetched again whenever a run ends ----------------------------------
+
+  function showRecommendation(a) {
+    const parts = [];
+    if (a.recommended_lr) {
+      const line = document.createElement("p");
+      const strong = document.createElement("strong");
+      line.id = "recommended-lr";
+      strong.textContent = S.fmtLr(a.recommended_lr);
+      line.append("Recommended learning rate: ", strong);
+      if (a.ok_range) line.append(` · rates that trained well: ${S.fmtLr(a.ok_range[0])} to ${S.fmtLr(a.ok_range[1])}`);
+      parts.push(line);
+    }
+    const sentence = document.createElement("p");
+    sentence.id = "recommendation-sentence";
+    sentence.textContent = a.sentence;
+    parts.push(sentence);
+    document.getElementById("recommendation").replaceChildren(...parts);
+    for (const row of document.querySelectorAll("#compare-table tbody tr")) {
+      row.classList.toggle("recommended", Number(row.dataset.runId) === a.recommended_run_id);
+    }
+  }
+
+  async function refreshRecommendation() {
+    page.analysis = await S.getJSON(`/api/sweeps/${page.sweep}/summary`);
+    showRecommendation(page.analysis);
   }
 
   let reloading = null; // the x axis changed: both parts are fetched again, and polls wait for that
@@ -268,6 +312,7 @@
     if (reloading) await reloading;
     const active = runs.filter((r) => !r.finished);
     await Promise.all(active.map(pollRun));
+    if (page.sweep !== null && active.some((r) => r.finished)) await refreshRecommendation();
     draw();
     const still = runs.filter((r) => !r.finished).length;
     document.getElementById("live-note").textContent = still ? `${still} run${still > 1 ? "s" : ""} still going: updating live` : "";

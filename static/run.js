@@ -1,4 +1,5 @@
-// Run page: charts of one run's metrics, extended live (Server-Sent Events) while the run is going.
+// Run page: charts of one run's metrics, extended live (Server-Sent Events) while the run is going; for an
+// LR range test also its loss against the learning rate, with the suggested rates marked.
 "use strict";
 
 (() => {
@@ -9,9 +10,11 @@
   const smoothing = document.getElementById("smoothing");
   const smoothingValue = document.getElementById("smoothing-value");
 
-  // One chart per metric; log scale where values span decades.
+  const rangeTest = page.kind === "lr_range_test";
+
+  // One chart per metric; log scale where values span decades (a range test's lr grows exponentially).
   const PANELS = [
-    { key: "lr", title: "Learning rate", log: false, zero: true },
+    { key: "lr", title: "Learning rate", log: rangeTest, zero: !rangeTest },
     { key: "grad_norm", title: "Gradient norm ‖g‖ (before clipping)", log: true },
     { key: "update_norm", title: "Update norm ‖Δw‖", log: true },
     { key: "update_ratio", title: "Update ratio ‖Δw‖ / ‖w‖", log: true },
@@ -27,8 +30,13 @@
     ];
   }
 
+  // Rows arrive by appending to the same arrays; Plotly.react redraws such a trace only when the layout's
+  // datarevision changes (it compares arrays by identity), so each draw bumps it.
+  let revision = 0;
+
   function panelLayout(title, log, { zero = false, ...extra } = {}) {
     return S.baseLayout({
+      datarevision: revision,
       title: { text: title, font: { size: 14 } },
       xaxis: { title: { text: "step" } },
       yaxis: { type: log ? "log" : "linear", exponentformat: "power", rangemode: zero ? "tozero" : "normal" },
@@ -39,7 +47,75 @@
     });
   }
 
+  // --- LR range test: loss against lr (log x), with the steepest and valley rates marked -------------
+
+  const MARKERS = [
+    { key: "valley", label: "valley", color: "#2ca02c", height: 1 },
+    { key: "steepest", label: "steepest", color: "#ff7f0e", height: 0.75 }, // lower, so the labels do not overlap
+  ];
+
+  function drawRange() {
+    const rt = page.range_test || {};
+    const weight = rt.smoothing_weight ?? page.range_smoothing; // the analysis' smoothing, not the slider's
+    const loss = data.series.loss;
+    const smoothed = S.smooth(loss, weight);
+    const finite = (v) => v !== null && Number.isFinite(v);
+    const low = Math.min(...loss.filter(finite), ...smoothed.filter(finite));
+    // Up to the smoothed curve's top: the raw loss of the last steps may be far above it once it blows up.
+    const high = Math.max(...smoothed.filter(finite));
+    const pad = Number.isFinite(high - low) ? (high - low) * 0.05 || 0.1 : 0.1;
+    const traces = [
+      { x: data.series.lr, y: loss, name: "loss", mode: "lines", line: { color: "#1f77b4", width: 1 }, opacity: 0.35 },
+      { x: data.series.lr, y: smoothed, name: `smoothed (${weight})`, mode: "lines", line: { color: "#1f77b4", width: 2 } },
+    ];
+    for (const m of MARKERS) {
+      const lr = rt[`${m.key}_lr`];
+      if (!lr || !Number.isFinite(high)) continue;
+      const label = `${m.label} ${S.fmtLr(lr)}${rt.suggested_lr === lr ? " (suggested)" : ""}`;
+      traces.push({
+        x: [lr, lr],
+        y: [low - pad, low + (high - low) * m.height],
+        name: label,
+        mode: "lines+text",
+        text: ["", label],
+        textposition: "middle right",
+        textfont: { color: m.color },
+        line: { color: m.color, dash: "dash", width: 1.5 },
+        hoverinfo: "name",
+      });
+    }
+    const layout = panelLayout("Loss against learning rate", false, { showlegend: true, hovermode: "closest" });
+    layout.xaxis = { type: "log", title: { text: "learning rate (log scale)" }, exponentformat: "power" };
+    if (Number.isFinite(high)) layout.yaxis.range = [low - pad, high + pad];
+    Plotly.react("chart-range", traces, layout, S.plotConfig);
+  }
+
+  /** The suggestion's text and the sweep button, once the finished test's summary holds them. */
+  function showRangeTest(run) {
+    const rt = run.summary && run.summary.range_test;
+    if (!rt) return;
+    page.range_test = rt;
+    const text = document.getElementById("range-suggestion");
+    if (rt.suggested_lr) {
+      const strong = document.createElement("strong");
+      strong.textContent = S.fmtLr(rt.suggested_lr);
+      const rules = ` (valley ${S.fmtLr(rt.valley_lr)}, steepest ${S.fmtLr(rt.steepest_lr)})`;
+      text.replaceChildren("Suggested learning rate: ", strong, rules);
+    } else {
+      text.textContent = "No suggestion: the smoothed loss never fell over this range. Try a wider one.";
+    }
+    const rates = rt.sweep_lrs || [];
+    if (run.status === "completed" && rates.length) {
+      document.getElementById("range-sweep-button").textContent = `Start a sweep of ${rates.length} rates around ${S.fmtLr(rt.suggested_lr)}`;
+      document.getElementById("range-sweep-rates").textContent = `${rates.map(S.fmtLr).join(", ")}; the same config otherwise`;
+      document.getElementById("range-sweep-form").hidden = false;
+    }
+    drawRange();
+  }
+
   function draw() {
+    revision += 1;
+    if (rangeTest) drawRange();
     Plotly.react("chart-loss", lossTraces(), panelLayout("Loss (raw, smoothed) and eval loss", false, { showlegend: true }), S.plotConfig);
     for (const p of PANELS) {
       const trace = { x: data.steps, y: data.series[p.key], mode: "lines", name: p.key, line: { color: "#444", width: 1.5 } };
@@ -115,6 +191,10 @@
     const cancel = document.getElementById("cancel-form");
     if (cancel) cancel.hidden = true;
     document.getElementById("delete-form").hidden = false;
+    if (rangeTest) {
+      showRangeTest(run); // a rate that grows by design: the verdict and scores of a constant rate do not apply
+      return;
+    }
     if (run.verdict) {
       const reason = (run.summary && run.summary.reason) || "";
       S.setBadge(document.getElementById("run-verdict"), run.verdict, "verdict", `lr ${run.verdict.replace("_", " ")}`);

@@ -1,4 +1,5 @@
-// New-run form: the live step plan, the sweep's list of rates, and dataset upload without leaving the form.
+// New-run form: the live step plan, the sweep's list of rates, the LR range test's fields, and dataset upload
+// without leaving the form.
 "use strict";
 
 (() => {
@@ -6,6 +7,12 @@
   const form = document.getElementById("run-form");
   const field = (name) => form.elements.namedItem(name);
   const dataset = document.getElementById("dataset");
+  // From trainer/config.py, via the template (not form.dataset: a form's field named "dataset" shadows it).
+  const RANGE_TEST_STEPS = Number(form.getAttribute("data-range-test-steps"));
+
+  function rangeTest() {
+    return field("kind").value === "lr_range_test";
+  }
 
   // --- "1000 samples at batch size 100 → 10 updates per epoch" (trainer/data.py plan_steps) ----------
 
@@ -16,7 +23,8 @@
     const accum = Number(field("grad_accum_steps").value);
     const epochs = Number(field("epochs").value);
     const maxText = field("max_steps").value.trim();
-    const maxSteps = maxText === "" ? null : Number(maxText);
+    // An lr range test without max steps takes RANGE_TEST_STEPS (TrainConfig.step_limit).
+    const maxSteps = maxText === "" ? (rangeTest() ? RANGE_TEST_STEPS : null) : Number(maxText);
     if (!Number.isInteger(batch) || !Number.isInteger(accum) || batch < 1 || accum < 1) {
       return "Batch size and gradient accumulation steps must be whole numbers ≥ 1.";
     }
@@ -53,10 +61,19 @@
     return parts.every((v) => v > 0) ? [...new Set(parts)].sort((a, b) => a - b) : [];
   }
 
+  // --- kind: a range test uses its own rates (and cannot be swept) --------------------------------
+
+  function showKind() {
+    const range = rangeTest();
+    document.getElementById("range-fieldset").hidden = !range;
+    field("sweep").disabled = range;
+    if (range) field("sweep").checked = false;
+  }
+
   function showSweep() {
     const on = field("sweep").checked;
     document.getElementById("sweep-options").hidden = !on;
-    field("learning_rate").disabled = on;
+    field("learning_rate").disabled = on || rangeTest();
     const rates = on ? sweepRates() : [];
     document.getElementById("sweep-preview").textContent = rates.length
       ? `${rates.length} runs, at learning rates ${rates.map(S.fmtLr).join(", ")}`
@@ -92,21 +109,24 @@
   }
 
   form.addEventListener("input", () => {
+    showKind();
     showPlan();
     showSweep();
   });
   form.addEventListener("change", () => {
+    showKind();
     showPlan();
     showSweep();
   });
   form.addEventListener("submit", () => {
-    field("learning_rate").disabled = false; // disabled fields are not posted; the server ignores it for sweeps
+    field("learning_rate").disabled = false; // disabled fields are not posted; the server ignores it for sweeps and range tests
   });
   document.getElementById("upload-form").addEventListener("submit", (event) => {
     upload(event).catch((err) => {
       document.getElementById("upload-status").textContent = `Upload failed: ${err.message}`;
     });
   });
+  showKind();
   showPlan();
   showSweep();
 })();

@@ -1,16 +1,22 @@
-"""/api/runs: create, list, read, cancel and delete runs."""
+"""/api/runs: create, list, read, cancel and delete runs; their scores (one run, or all as CSV)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import csv
+import io
+import sqlite3
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, func
 from sqlmodel import SQLModel, col, select
 
-from app.deps import MAX_ID, RunId, SessionDep, SettingsDep
+from app.analysis import lr_range_suggestions, summarize_run
+from app.deps import MAX_ID, DbDep, RunId, SessionDep, SettingsDep
 from app.jobs import NotFound, cancel_run, create_run, delete_run
-from app.models import Run, RunPublic, RunStatus
+from app.metrics import read_metrics
+from app.models import FINISHED, Run, RunPublic, RunStatus
 from app.security import TokenDep
 from trainer.config import TrainConfig
 
@@ -40,11 +46,92 @@ class RunsPublic(SQLModel):
     """How many runs match the filters (all pages)."""
 
 
+class RangeTestSuggestions(BaseModel):
+    """An lr range test's suggested rates (`app.analysis.lr_range_suggestions`); indices count recorded steps from 0."""
+
+    model_config = ConfigDict(extra="allow")
+    suggested_lr: float | None = Field(None, description="The valley rule's rate (else the steepest rule's)")
+    valley_lr: float | None = Field(None, description="fastai's valley rule: in the longest fall of the smoothed loss")
+    valley_index: int | None = None
+    steepest_lr: float | None = Field(None, description="Where the smoothed loss falls fastest against log10(lr)")
+    steepest_index: int | None = None
+    min_loss_lr: float | None = Field(None, description="Where the smoothed loss is lowest (too high to train at)")
+    min_loss_index: int | None = None
+    stop_index: int | None = Field(None, description="Where the smoothed loss passed 4x its best (null: it never did)")
+    sweep_lrs: list[float] = Field(default_factory=list, description="Five rates around the suggestion, for a sweep")
+    smoothing_weight: float | None = None
+    skip_start: int | None = Field(None, description="Leading steps left out of the suggestions")
+
+
+class RunSummary(BaseModel):
+    """A run's scores and learning-rate verdict (`app.analysis.summarize_run`); the key scores are listed,
+    the rest (rise_fraction, spike_steps, trend_*, ...) come along as further members."""
+
+    model_config = ConfigDict(extra="allow")
+    run_id: int
+    status: RunStatus
+    live: bool = Field(description="True while the run is going: computed now from the steps recorded so far")
+    verdict: Literal["ok", "too_low", "too_high", "diverged"] | None = Field(
+        None, description="What the loss says about the learning rate (null: too few steps to tell)"
+    )
+    reason: str = Field("", description="The verdict's reasons, in one sentence with the numbers")
+    n_steps: int | None = None
+    final_loss: float | None = Field(None, description="Smoothed loss at the last step")
+    best_loss: float | None = Field(None, description="Lowest smoothed loss")
+    t90: int | None = Field(None, description="First step with 90% of the smoothed loss's net drop made")
+    auc_norm: float | None = Field(None, description="Area above the best loss, normalised: 0 fast, 1 never fell")
+    sign_change_rate: float | None = Field(None, description="Share of steps where the loss turns (oscillation)")
+    tv_ratio: float | None = Field(None, description="Distance the raw loss travelled over its net drop (1: smooth)")
+    spike_count: int | None = Field(None, description="Losses above mean + 6 std of the previous 128 steps")
+    median_update_ratio: float | None = Field(None, description="Median of |dw| / |w| (practitioners aim near 1e-3)")
+    median_step_scale: float | None = Field(None, description="Median of |dw| / (lr |g|): 1 for plain SGD")
+    range_test: RangeTestSuggestions | None = Field(None, description="An lr range test's suggested rates")
+
+
+SUMMARY_KEYS = ("loss", "lr", "grad_norm", "update_ratio", "step_scale")  # what the analysis reads
+
+
+def run_summary(db: sqlite3.Connection, run: Run) -> tuple[dict[str, Any], bool]:
+    """(the run's analysis, whether it is live): the summary the trainer stored when the run ended, else one
+    computed now from the recorded steps (a run still going, or one whose process was killed)."""
+    assert run.id is not None
+    finished = run.status in FINISHED
+    if finished and run.summary is not None:
+        return run.summary, False
+    metrics = read_metrics(db, run.id, SUMMARY_KEYS)
+    summary = summarize_run(metrics.steps, metrics.series, status=run.status.value if finished else None)
+    if run.kind == "lr_range_test":
+        pairs = [(lr, loss) for lr, loss in zip(metrics.series["lr"], metrics.series["loss"], strict=True) if lr]
+        summary["range_test"] = lr_range_suggestions([lr for lr, _ in pairs], [loss for _, loss in pairs])
+    return summary, not finished
+
+
 def get_run(session: SessionDep, run_id: int) -> Run:
     run = session.get(Run, run_id)
     if run is None:
         raise NotFound(f"no run with id {run_id}")
     return run
+
+
+StatusFilter = Annotated[list[RunStatus] | None, Query(description="Only runs in these statuses")]
+SweepFilter = Annotated[int | None, Query(ge=1, le=MAX_ID, description="Only the runs of this sweep")]
+NameFilter = Annotated[str | None, Query(max_length=200, description="Only runs whose name contains this")]
+SortQuery = Annotated[Sort, Query(description="Sort key; a leading '-' sorts descending")]
+
+
+def _filtered(
+    status: list[RunStatus] | None, sweep_id: int | None, name: str | None, sort: str
+) -> tuple[list[ColumnElement[bool]], list[Any]]:
+    """The WHERE conditions and ORDER BY terms of the list's (and the CSV's) query parameters."""
+    filters: list[ColumnElement[bool]] = []
+    if status:
+        filters.append(col(Run.status).in_(status))
+    if sweep_id is not None:
+        filters.append(col(Run.sweep_id) == sweep_id)
+    if name:
+        filters.append(col(Run.name).contains(name, autoescape=True))
+    key = SORTS[sort.removeprefix("-")]
+    return filters, [key.desc() if sort.startswith("-") else key.asc(), col(Run.id).desc()]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
@@ -56,30 +143,76 @@ def create(config: TrainConfig, session: SessionDep) -> Run:
 @router.get("", response_model=RunsPublic)
 def list_runs(
     session: SessionDep,
-    status: Annotated[list[RunStatus] | None, Query(description="Only runs in these statuses")] = None,
-    sweep_id: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Only the runs of this sweep")] = None,
-    name: Annotated[str | None, Query(max_length=200, description="Only runs whose name contains this")] = None,
-    sort: Annotated[Sort, Query(description="Sort key; a leading '-' sorts descending")] = "-id",
+    status: StatusFilter = None,
+    sweep_id: SweepFilter = None,
+    name: NameFilter = None,
+    sort: SortQuery = "-id",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> RunsPublic:
-    filters: list[ColumnElement[bool]] = []
-    if status:
-        filters.append(col(Run.status).in_(status))
-    if sweep_id is not None:
-        filters.append(col(Run.sweep_id) == sweep_id)
-    if name:
-        filters.append(col(Run.name).contains(name, autoescape=True))
-    key = SORTS[sort.removeprefix("-")]
-    order = key.desc() if sort.startswith("-") else key.asc()
+    """Runs with their settings, progress and, once they end, their scores (`summary`) and `verdict`."""
+    filters, order = _filtered(status, sweep_id, name, sort)
     count = session.exec(select(func.count()).select_from(Run).where(*filters)).one()
-    runs = session.exec(select(Run).where(*filters).order_by(order, col(Run.id).desc()).offset(offset).limit(limit))
+    runs = session.exec(select(Run).where(*filters).order_by(*order).offset(offset).limit(limit))
     return RunsPublic(data=[RunPublic.model_validate(r) for r in runs], count=count)
+
+
+CSV_RUN_COLUMNS = (
+    "id", "name", "kind", "status", "model", "dataset", "learning_rate", "batch_size", "optimizer", "steps_done",
+)  # fmt: skip
+CSV_SCORE_COLUMNS = (
+    "final_loss", "best_loss", "t90", "auc_norm", "sign_change_rate", "tv_ratio", "spike_count",
+    "median_update_ratio", "median_step_scale", "verdict", "reason",
+)  # fmt: skip
+
+
+class CSVResponse(Response):
+    media_type = "text/csv"
+
+
+# Declared before /{run_id} (which could not match it anyway: no slash), like every fixed path here.
+@router.get(
+    ".csv",
+    response_class=CSVResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "One row per run: its settings and scores"}},
+)
+def runs_csv(
+    session: SessionDep,
+    db: DbDep,
+    status: StatusFilter = None,
+    sweep_id: SweepFilter = None,
+    name: NameFilter = None,
+    sort: SortQuery = "-id",
+) -> CSVResponse:
+    """Every run matching the filters, one row each: id, name, kind, status, model, dataset, learning_rate,
+    batch_size, optimizer, steps_done, then the scores (final_loss and best_loss are smoothed), verdict
+    and reason. Scores are the analysis stored when a run ended; for a run still going they are computed
+    now from its recorded steps; empty where there are none."""
+    filters, order = _filtered(status, sweep_id, name, sort)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow((*CSV_RUN_COLUMNS, *CSV_SCORE_COLUMNS))
+    for run in session.exec(select(Run).where(*filters).order_by(*order)):
+        summary = run_summary(db, run)[0] if run.summary is not None or run.status == RunStatus.running else {}
+        values = [getattr(run, c) for c in CSV_RUN_COLUMNS]
+        writer.writerow([*values, *(summary.get(c) for c in CSV_SCORE_COLUMNS)])
+    headers = {"Content-Disposition": 'attachment; filename="runs.csv"'}
+    return CSVResponse(buffer.getvalue(), headers=headers)
 
 
 @router.get("/{run_id}", response_model=RunPublic)
 def read_run(run_id: RunId, session: SessionDep) -> Run:
     return get_run(session, run_id)
+
+
+@router.get("/{run_id}/summary", response_model=RunSummary)
+def read_summary(run_id: RunId, session: SessionDep, db: DbDep) -> dict[str, Any]:
+    """The run's scores and verdict: those stored when it ended, or, while it is queued or running,
+    computed now from the steps recorded so far (`live` is then true). An lr range test's answer also
+    holds its suggested rates (`range_test`)."""
+    run = get_run(session, run_id)
+    summary, live = run_summary(db, run)
+    return {**summary, "run_id": run_id, "status": run.status, "live": live}
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)
@@ -94,7 +227,3 @@ def delete(run_id: RunId, session: SessionDep, settings: SettingsDep) -> Respons
     """Delete a finished run with its metric rows and files (409 while it is queued or running)."""
     delete_run(session, settings, run_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-# The integrator adds GET /{run_id}/summary here: app.analysis.summarize_run(metrics.steps, metrics.series)
-# over app.metrics.read_metrics(db, run_id, keys).

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
 
-from app.deps import MAX_ID, SessionDep
+from app.analysis import summarize_sweep
+from app.deps import MAX_ID, DbDep, SessionDep
 from app.jobs import MAX_SWEEP_RUNS, NotFound, cancel_sweep, create_sweep, log_spaced, sweep_runs
-from app.models import RunPublic, Sweep, SweepBase
+from app.models import RunPublic, RunStatus, Sweep, SweepBase
+from app.routers.runs import run_summary
 from app.security import TokenDep
 from trainer.config import TrainConfig
 
@@ -77,7 +79,33 @@ class SweepsPublic(SQLModel):
     count: int
 
 
-def _public(session: SessionDep, sweep: Sweep) -> SweepPublic:
+class RankedRun(BaseModel):
+    id: int
+    learning_rate: float
+    status: RunStatus | None
+    final_loss: float | None = Field(description="Smoothed loss at the run's last step")
+    verdict: str | None
+    rank: int = Field(description="1 is the lowest final loss; runs without one, and diverged runs, rank last")
+
+
+class SweepSummary(BaseModel):
+    """The sweep's runs ranked, and the learning rate to use (`app.analysis.summarize_sweep`)."""
+
+    sweep_id: int
+    live: bool = Field(description="True while some runs are going: their scores are computed from their steps so far")
+    ranking: list[RankedRun]
+    recommended_lr: float | None = Field(
+        description="The lowest final loss among completed runs that neither overshot nor diverged"
+    )
+    recommended_run_id: int | None
+    ok_range: list[float] | None = Field(description="[lowest, highest] rate of the completed runs judged ok")
+    edge: Literal["high", "low"] | None = Field(
+        description="The recommended rate is the highest or lowest tried: the best may lie beyond it"
+    )
+    sentence: str = Field(description="The recommendation in words")
+
+
+def sweep_public(session: SessionDep, sweep: Sweep) -> SweepPublic:
     assert sweep.id is not None
     runs = [RunPublic.model_validate(r) for r in sweep_runs(session, sweep.id)]
     return SweepPublic.model_validate(sweep, update={"runs": runs})
@@ -86,7 +114,7 @@ def _public(session: SessionDep, sweep: Sweep) -> SweepPublic:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
 def create(body: SweepCreate, session: SessionDep) -> SweepPublic:
     """Queue one run per learning rate, all with the base config otherwise."""
-    return _public(session, create_sweep(session, body.config, body.rates(), name=body.name))
+    return sweep_public(session, create_sweep(session, body.config, body.rates(), name=body.name))
 
 
 @router.get("", response_model=SweepsPublic)
@@ -97,7 +125,7 @@ def list_sweeps(
 ) -> SweepsPublic:
     count = session.exec(select(func.count()).select_from(Sweep)).one()
     sweeps = session.exec(select(Sweep).order_by(col(Sweep.id).desc()).offset(offset).limit(limit))
-    return SweepsPublic(data=[_public(session, s) for s in sweeps], count=count)
+    return SweepsPublic(data=[sweep_public(session, s) for s in sweeps], count=count)
 
 
 @router.get("/{sweep_id}", response_model=SweepPublic)
@@ -105,7 +133,7 @@ def read_sweep(sweep_id: SweepId, session: SessionDep) -> SweepPublic:
     sweep = session.get(Sweep, sweep_id)
     if sweep is None:
         raise NotFound(f"no sweep with id {sweep_id}")
-    return _public(session, sweep)
+    return sweep_public(session, sweep)
 
 
 @router.post("/{sweep_id}/cancel", response_model=SweepPublic)
@@ -115,4 +143,16 @@ def cancel(sweep_id: SweepId, session: SessionDep) -> SweepPublic:
     return read_sweep(sweep_id, session)
 
 
-# The integrator adds GET /{sweep_id}/summary here: app.analysis.summarize_sweep(runs).
+@router.get("/{sweep_id}/summary", response_model=SweepSummary)
+def read_summary(sweep_id: SweepId, session: SessionDep, db: DbDep) -> dict[str, Any]:
+    """Rank the sweep's runs by smoothed final loss and recommend a learning rate. Finished runs count with
+    the analysis stored when they ended; runs still going with scores computed now (`live`), though only
+    completed runs can be recommended."""
+    if session.get(Sweep, sweep_id) is None:
+        raise NotFound(f"no sweep with id {sweep_id}")
+    entries, live = [], False
+    for run in sweep_runs(session, sweep_id):
+        summary, run_live = run_summary(db, run)
+        live = live or run_live
+        entries.append({"id": run.id, "learning_rate": run.learning_rate, "status": run.status, "summary": summary})
+    return {**summarize_sweep(entries), "sweep_id": sweep_id, "live": live}

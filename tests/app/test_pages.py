@@ -11,7 +11,7 @@ from bs4 import BeautifulSoup, Tag
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from app.config import Settings
 from app.db import make_engine
@@ -403,6 +403,126 @@ def test_sweep_page_shows_the_recommendation(client: TestClient, engine: Engine)
     assert text(soup.find("h1")) == "Sweep: lrs"
     assert "Recommended learning rate: 1e-3" in text(soup.find(id="recommendation"))
     assert json.loads(text(soup.find("script", id="page-data")))["analysis"]["recommended_lr"] == 1e-3
+
+
+# --- LR range tests and the insight on the pages -----------------------------------------------------------
+
+RANGE_TEST = {"suggested_lr": 3e-4, "valley_lr": 3e-4, "steepest_lr": 1e-3, "min_loss_lr": 1e-2, "stop_index": 80,
+              "sweep_lrs": [3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3], "smoothing_weight": 0.9, "skip_start": 8}  # fmt: skip
+
+
+def a_range_test(**fields: Any) -> Run:
+    config = {"kind": "lr_range_test", "range_min_lr": 1e-7, "range_max_lr": 1.0, "max_steps": 100}
+    config |= {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic", "optimizer": "sgd", "batch_size": 4}
+    values: dict[str, Any] = {"name": "finder", "kind": "lr_range_test", "config": config, "total_steps": 100}
+    return a_run(**(values | fields))
+
+
+def test_the_form_offers_a_range_test_and_queues_one(client: TestClient, engine: Engine) -> None:
+    soup = page(client, "/runs/new")
+    options = {o["value"]: text(o) for o in soup.select("select#kind option")}
+    assert options["train"].startswith("train: one run")
+    assert "LR range test" in options["lr_range_test"]
+    fieldset = soup.find("fieldset", id="range-fieldset")
+    assert fieldset is not None and fieldset.find(attrs={"name": "range_min_lr"})
+    explained = text(soup.find(id="range-explained"))
+    assert "grows exponentially" in explained and "valley rule" in explained and "100 when empty" in explained
+
+    response = post_form(client, {"model": "tiny-random-llama", "kind": "lr_range_test", "range_max_lr": "0.1"})
+    assert response.status_code == 303
+    with Session(engine) as session:
+        run = session.exec(select(Run)).one()
+    assert (run.kind, run.total_steps, run.config["range_max_lr"]) == ("lr_range_test", 100, 0.1)
+    assert run.name == "lr range 1e-07 to 0.1, adamw bs=8"
+
+    wrong = post_form(client, {"kind": "lr_range_test", "range_min_lr": "1", "range_max_lr": "0.1"})
+    error = BeautifulSoup(wrong.text, "html.parser").select_one("#field-range_max_lr .error")
+    assert "must be above range_min_lr" in text(error)
+
+
+def test_a_finished_range_test_shows_its_chart_suggestion_and_sweep_button(client: TestClient, engine: Engine) -> None:
+    (run_id,) = add(engine, a_range_test(summary={"verdict": "ok", "range_test": RANGE_TEST}, verdict="ok"))
+    soup = page(client, f"/runs/{run_id}")
+    section = soup.find("section", id="range-test")
+    assert section is not None and section.find(id="chart-range") is not None
+    assert "from 1e-7 to 1e0 over 100 steps" in text(section)
+    assert text(soup.find(id="range-suggestion")) == "Suggested learning rate: 3e-4 (valley 3e-4, steepest 1e-3)"
+    form = soup.find("form", id="range-sweep-form")
+    assert form is not None and not form.has_attr("hidden") and form["action"] == f"/runs/{run_id}/range-sweep"
+    assert text(form.find("button")) == "Start a sweep of 5 rates around 3e-4"
+    assert text(form.find(id="range-sweep-rates")).startswith("3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3")
+    data = json.loads(text(soup.find("script", id="page-data")))
+    assert data["kind"] == "lr_range_test" and data["range_test"] == RANGE_TEST and data["range_smoothing"] == 0.9
+    # A rate that grows by design: no verdict badge, no constant-rate analysis.
+    assert soup.find(id="run-verdict") is None and soup.find(id="analysis-section").has_attr("hidden")
+
+    response = client.post(form["action"], data=form_values(soup, "range-sweep-form"))
+    assert response.status_code == 303
+    with Session(engine) as session:
+        sweep = session.exec(select(Sweep)).one()
+        runs = session.exec(select(Run).where(Run.sweep_id == sweep.id).order_by(col(Run.learning_rate))).all()
+    assert response.headers["location"] == f"/sweeps/{sweep.id}"
+    assert [r.learning_rate for r in runs] == RANGE_TEST["sweep_lrs"]
+    assert {(r.kind, r.optimizer, r.batch_size, r.total_steps, r.status) for r in runs} == {
+        ("train", "sgd", 4, 100, "queued")
+    }
+
+
+def test_a_running_range_test_has_its_chart_but_no_sweep_button_yet(client: TestClient, engine: Engine) -> None:
+    (run_id,) = add(engine, a_range_test(status=RunStatus.running))
+    soup = page(client, f"/runs/{run_id}")
+    assert soup.find(id="chart-range") is not None
+    assert text(soup.find(id="range-suggestion")) == "The suggestion appears when the test ends."
+    assert soup.find("form", id="range-sweep-form").has_attr("hidden")
+    token = form_values(soup, "cancel-form")["csrf_token"]
+    refused = client.post(f"/runs/{run_id}/range-sweep", data={"csrf_token": token})
+    assert refused.status_code == 409 and "has not completed" in text(BeautifulSoup(refused.text, "html.parser"))
+    assert client.post(f"/runs/{run_id}/range-sweep", data={}).status_code == 403  # no CSRF token
+    (train_id,) = add(engine, a_run())
+    assert page(client, f"/runs/{train_id}").find(id="range-test") is None
+    assert client.post(f"/runs/{train_id}/range-sweep", data={"csrf_token": token}).status_code == 409
+    with Session(engine) as session:
+        assert session.exec(select(Sweep)).all() == []
+
+
+def test_the_list_shows_verdicts_with_reasons_and_range_tests_with_their_suggestion(
+    client: TestClient, engine: Engine
+) -> None:
+    add(
+        engine,
+        a_run(name="trained", summary={"verdict": "too_high", "reason": "It bounced."}, verdict="too_high"),
+        a_range_test(summary={"verdict": "diverged", "range_test": RANGE_TEST}, verdict="diverged"),
+    )
+    soup = page(client, "/?sort=name&order=asc")
+    finder, trained = soup.select("#runs-table tbody tr")
+    verdict = trained.select_one(".verdict")
+    assert verdict is not None and text(verdict) == "lr too high" and verdict["title"] == "It bounced."
+    assert text(finder.select_one(".cell-status")) == "completed range test → 3e-4"
+    assert finder.select_one(".verdict") is None  # a range test blows the loss up on purpose: no verdict shown
+    assert text(finder.find_all("td")[5]) == "1e-7 → 1e0"
+
+
+def test_sweep_page_marks_the_recommended_run_and_shows_every_score(client: TestClient, engine: Engine) -> None:
+    (sweep_id,) = add(engine, Sweep(name="lrs", learning_rates=[1e-4, 1e-3]))
+    scores = {"t90": 12, "sign_change_rate": 0.5, "tv_ratio": 1.25, "spike_count": 2, "auc_norm": 0.125}
+    low, high = add(
+        engine,
+        a_run(name="a", learning_rate=1e-4, sweep_id=sweep_id, summary={"final_loss": 2.0, "verdict": "ok"}),
+        a_run(name="b", learning_rate=1e-3, sweep_id=sweep_id, summary={"final_loss": 1.0, "verdict": "ok"} | scores),
+    )
+    soup = page(client, f"/sweeps/{sweep_id}")
+    headers = [text(th) for th in soup.select("#compare-table thead th")]
+    assert headers[7:12] == ["t90", "Sign changes", "TV ratio", "Spikes", "AUC"]
+    rows = soup.select("#compare-table tbody tr")
+    assert [r.get("class") for r in rows] == [None, ["recommended"]]
+    assert [text(td) for td in rows[1].find_all("td")][7:12] == ["12", "0.5", "1.25", "2", "0.125"]
+    sentence = text(soup.find(id="recommendation-sentence"))
+    assert sentence.startswith(f"Recommended learning rate 0.001 (run {high})")
+
+    (empty_id,) = add(engine, Sweep(name="new", learning_rates=[1e-4]))
+    add(engine, a_run(name="c", sweep_id=empty_id, status=RunStatus.queued))
+    waiting = text(page(client, f"/sweeps/{empty_id}").find(id="recommendation"))
+    assert waiting == "The recommended learning rate appears here once runs complete."
 
 
 # --- sign-in with a token ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -90,6 +91,7 @@ def test_new_run_from_the_form_trains_live(page: Page) -> None:
     assert p.is_visible("#delete-form") and not p.is_visible("#cancel-form")
     assert p.text_content("#run-verdict").startswith("lr ")  # the analysis' verdict, shown without a reload
     assert points(page, trace=2) == 3  # eval loss at steps 10, 20, 30
+    assert points(page, "chart-lr") == points(page, "chart-step_scale") == 30  # the panels grow too
     assert p.text_content("#progress-text") == "30 / 30 steps"
     page.screenshot("run-page-completed")
 
@@ -201,3 +203,51 @@ def test_smoothing_matches_the_analysis(page: Page) -> None:
         smoothed = page.page.evaluate("([v, w]) => Stepscope.smooth(v, w)", [values, weight])
         expected = [None if v != v else v for v in ema_smooth(values, weight)]  # NaN: a gap, like null
         assert smoothed == pytest.approx(expected), weight
+
+
+def test_a_range_test_from_the_form_suggests_a_rate_and_starts_a_sweep(page: Page, server: Server) -> None:
+    p = page.page
+    page.goto("/runs/new")
+    assert not p.is_visible("#range-fieldset")  # only for kind lr_range_test
+    p.select_option("#kind", "lr_range_test")
+    assert p.is_visible("#range-fieldset") and p.is_disabled("#learning_rate") and p.is_disabled("#sweep")
+    p.select_option("#model", "tiny-random-llama")
+    p.select_option("#dataset", "synthetic-lookup")
+    p.select_option("#optimizer", "sgd")
+    p.fill("#max_grad_norm", "0")
+    p.fill("#eval_every", "0")
+    p.fill("#range_min_lr", "1e-4")
+    p.fill("#range_max_lr", "1e3")
+    assert p.text_content("#plan").endswith("100 total steps")  # a range test's default length
+    p.fill("#max_steps", "60")
+    page.screenshot("range-test-form")
+    p.click("#start-button")
+    p.wait_for_url(re.compile(r"/runs/\d+$"))
+
+    # The suggestion and the button arrive with the end of the run, without a reload.
+    p.wait_for_selector("#range-sweep-form:not([hidden])", timeout=TRAIN_TIMEOUT_MS)
+    chart = "document.getElementById('chart-range')"
+    names: list[str] = p.evaluate(f"() => {chart}.data.map(t => t.name)")
+    assert names[:2] == ["loss", "smoothed (0.9)"]
+    assert any(n.startswith("valley ") for n in names) and any(n.startswith("steepest ") for n in names)
+    assert p.evaluate(f"() => {chart}.layout.xaxis.type") == "log"
+    assert p.evaluate(f"() => {chart}.data[0].x.length") == 60
+    assert points(page, "chart-lr") == 60
+    assert p.query_selector("#run-verdict") is None and not p.is_visible("#analysis-section")
+    suggestion = p.text_content("#range-suggestion") or ""
+    assert suggestion.startswith("Suggested learning rate: ")
+    rate = suggestion.removeprefix("Suggested learning rate: ").split(" ")[0]
+    assert p.text_content("#range-sweep-button") == f"Start a sweep of 5 rates around {rate}"
+    page.screenshot("range-test-page")
+
+    p.click("#range-sweep-button")
+    p.wait_for_url(re.compile(r"/sweeps/\d+$"))
+    p.wait_for_selector("body[data-ready=true]")
+    assert p.locator("#compare-table tbody tr").count() == 5
+    sentence = "document.getElementById('recommendation-sentence').textContent"
+    assert p.evaluate(f"() => {sentence}").startswith("The recommended learning rate appears here")
+    # Cancel the sweep (and spare the machine five trainings): the page fetches the recommendation again.
+    sweep_id = p.url.rsplit("/", 1)[1]
+    urllib.request.urlopen(urllib.request.Request(f"{server.url}/api/sweeps/{sweep_id}/cancel", method="POST"))
+    wait_js(page, f"{sentence}.startsWith('No rate can be recommended')", TRAIN_TIMEOUT_MS)
+    page.screenshot("range-test-sweep")
