@@ -332,7 +332,13 @@ class History:
         series = {k: [None if math.isnan(v) else v for v in col] for k, col in self.series.items()}
         result = summarize_run(list(self.steps), series, status=status)
         if kind == "lr_range_test":
-            result["range_test"] = lr_range_suggestions(list(self.series["lr"]), list(self.series["loss"]))
+            result["range_test"] = suggestion = lr_range_suggestions(list(self.series["lr"]), list(self.series["loss"]))
+            # A verdict judges one constant rate; a range test sweeps them all and blows up by design.
+            result["verdict"] = None
+            lr = suggestion["suggested_lr"]
+            result["reason"] = (
+                f"LR range test: suggested learning rate {lr:.3g}." if lr else "LR range test: too short."
+            )
         return result
 
 

@@ -134,7 +134,9 @@ def test_lr_range_test_grows_lr_exponentially(trained) -> None:
     assert lrs[0] == pytest.approx(1e-5)
     ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
     assert ratios == pytest.approx([10 ** (6 / 30)] * len(ratios), rel=1e-9)
-    suggestion = json.loads(run["summary"])["range_test"]
+    summary = json.loads(run["summary"])
+    assert run["verdict"] is None and summary["verdict"] is None  # a verdict judges one constant rate
+    suggestion = summary["range_test"]
     assert 1e-5 <= suggestion["suggested_lr"] <= 10
     assert len(suggestion["sweep_lrs"]) == 5
 
