@@ -22,6 +22,7 @@ pytestmark = pytest.mark.browser
 
 XSS = "<script>alert(1)</script>"
 TRAIN_TIMEOUT_MS = 150_000
+STEPS = 300
 
 
 def insert_run(server: Server, name: str, lr: float, n_steps: int = 50) -> int:
@@ -62,17 +63,19 @@ def test_new_run_from_the_form_trains_live(page: Page) -> None:
     p.fill("#name", "tiny from the form")
     p.select_option("#model", "tiny-random-llama")
     p.select_option("#dataset", "synthetic-arithmetic")
-    p.fill("#max_steps", "30")
-    p.fill("#eval_every", "10")
+    # Long enough (~10 s of training) that the page sees the run while it goes, on any machine.
+    p.fill("#max_steps", str(STEPS))
+    p.fill("#eval_every", "100")
     p.fill("#batch_size", "100")
-    assert p.text_content("#plan") == "1000 samples at batch size 100 → 10 updates per epoch, 30 total steps"
+    plan = f"1000 samples at batch size 100 → 10 updates per epoch, {STEPS} total steps"
+    assert p.text_content("#plan") == plan
     p.fill("#learning_rate", "-1")
     page.screenshot("new-run-form")
     p.click("#start-button")
 
     # Invalid input: the form comes back with the message next to the field and the values kept.
     assert "> 0" in p.text_content("#field-learning_rate .error")
-    assert p.input_value("#name") == "tiny from the form" and p.input_value("#max_steps") == "30"
+    assert p.input_value("#name") == "tiny from the form" and p.input_value("#max_steps") == str(STEPS)
     page.screenshot("new-run-form-error")
     p.fill("#learning_rate", "0.003")
     p.click("#start-button")
@@ -83,16 +86,17 @@ def test_new_run_from_the_form_trains_live(page: Page) -> None:
     loss = "document.getElementById('chart-loss').data"
     wait_js(page, f"{loss} && {loss}[0].x.length > 0", TRAIN_TIMEOUT_MS)
     first = points(page)
+    assert first < STEPS, "the run finished before the page saw it running"
     wait_js(page, f"{loss}[0].x.length > {first} && window.sameDocument", TRAIN_TIMEOUT_MS)
     page.screenshot("run-page-running")
 
     wait_js(page, "document.querySelector('#run-status').textContent.trim() === 'completed'", TRAIN_TIMEOUT_MS)
-    wait_js(page, f"{loss}[0].x.length === 30 && window.sameDocument")
+    wait_js(page, f"{loss}[0].x.length === {STEPS} && window.sameDocument")
     assert p.is_visible("#delete-form") and not p.is_visible("#cancel-form")
     assert p.text_content("#run-verdict").startswith("lr ")  # the analysis' verdict, shown without a reload
-    assert points(page, trace=2) == 3  # eval loss at steps 10, 20, 30
-    assert points(page, "chart-lr") == points(page, "chart-step_scale") == 30  # the panels grow too
-    assert p.text_content("#progress-text") == "30 / 30 steps"
+    assert points(page, trace=2) == STEPS // 100  # eval loss at steps 100, 200, 300
+    assert points(page, "chart-lr") == points(page, "chart-step_scale") == STEPS  # the panels grow too
+    assert p.text_content("#progress-text") == f"{STEPS} / {STEPS} steps"
     page.screenshot("run-page-completed")
 
     page.goto("/")
