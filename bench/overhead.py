@@ -3,7 +3,8 @@
 "On" is the real loop (`trainer.loop.fit`: update/parameter norms on the device, a device buffer,
 batched copies to the host, a background SQLite writer). "Off" is a bare loop over the same
 forward/backward, clipping and optimizer step. Blocks of steps alternate (on, off, on, off, ...) so
-drift in machine speed hits both sides alike; the median block time per step is compared.
+drift in machine speed hits both sides alike, and each pair swaps which side goes first; the median
+block time per step is compared.
 
     .venv/bin/python bench/overhead.py                      # default model on this machine
     .venv/bin/python bench/overhead.py --model tiny-random-llama --blocks 6 --block-steps 20
@@ -82,8 +83,8 @@ def main() -> None:
     steps_off(s, args.warmup_steps, scaler)
     fit(dataclasses.replace(s, total_steps=args.warmup_steps), recorder, StopFlag())
     times: dict[str, list[float]] = {"on": [], "off": []}
-    for _ in range(args.blocks):
-        for side in ("on", "off"):
+    for i in range(args.blocks):
+        for side in ("on", "off") if i % 2 == 0 else ("off", "on"):  # neither side always goes first
             sync(s)
             t0 = time.perf_counter()
             if side == "on":
