@@ -30,7 +30,7 @@ from sqlalchemy import Engine, delete, func, update
 from sqlmodel import Session, col, select
 
 from app.config import Settings
-from app.models import FINISHED, Dataset, EvalMetric, Run, RunStatus, StepMetric, Sweep, utcnow
+from app.models import FINISHED, Dataset, EvalMetric, Run, RunStatus, StepMetric, Sweep, step_rollups, utcnow
 from trainer.config import ConfigError, TrainConfig, make_config
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,7 @@ def delete_run(session: Session, settings: Settings, run_id: int) -> None:
         raise Conflict(f"run {run_id} is {run.status.value}: cancel it first, only finished runs can be deleted")
     session.exec(delete(StepMetric).where(col(StepMetric.run_id) == run_id))
     session.exec(delete(EvalMetric).where(col(EvalMetric.run_id) == run_id))
+    session.exec(delete(step_rollups).where(step_rollups.c.run_id == run_id))
     session.delete(run)
     session.commit()
     shutil.rmtree(settings.runs_dir / str(int(run_id)), ignore_errors=True)

@@ -8,26 +8,42 @@ Downsampling is min/max per bucket: for each bucket of consecutive steps and eac
 the steps holding the bucket's smallest and largest value are kept, plus the first and last step.
 A single spike among 100,000 steps is therefore always in the answer, where a stride or an average
 would drop or flatten it. SQLite picks those steps itself, so the dropped rows never reach Python.
+
+Wide buckets are read from rollups instead of the rows: `step_rollups` holds, for each block of 32
+steps (and of 1,024), each column's min and max and the step of each, written with the rows (the
+recorder writes both through `write_steps`, in one transaction). A bucket of whole blocks then costs a few
+rollup rows instead of hundreds of step rows, with the same answer: the same extremes at the same
+steps (ties go to the earliest step either way). Where a run's rollups do not match its rows (a
+writer that went around `write_steps`), the read scans the rows.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
-from app.models import STEP_COLUMNS
+import numpy as np
+
+from app.models import ROLLUP_PARTS, STEP_COLUMNS
 
 EVAL_KEY = "eval_loss"
 METRIC_KEYS = (*STEP_COLUMNS, EVAL_KEY)
 DEFAULT_KEYS = ("loss",)
 CSV_COLUMNS = ("step", *STEP_COLUMNS, EVAL_KEY)
 _FLOAT_MAX = "1.7976931348623157e308"
+ROLLUP_BLOCKS = (32, 1024)
+"""Steps per rollup block at level 0 and level 1 (32 level-0 blocks); changing them needs a migration."""
+_BLOCKS_PER_BUCKET = 4
+"""A downsampled read is made of whole blocks of a level once each bucket gets this many: buckets then
+differ in width by a block, a quarter at most, and are read from rollups."""
 
 
 class UnknownKeys(ValueError):
@@ -96,17 +112,14 @@ def _span(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int
     return _Span(n, eval_only)
 
 
-def _bounds(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> tuple[int, int] | None:
-    """The first and last step with a value of some requested key (primary-key lookups, no scan)."""
-    tables = (["step_metrics"] if _step_keys(keys) else []) + (["eval_metrics"] if EVAL_KEY in keys else [])
-    ends: list[int] = []
-    for table in tables:
-        sql = (
-            f"SELECT (SELECT min(step) FROM {table} WHERE run_id = ?1 AND step > ?2), "
-            f"(SELECT max(step) FROM {table} WHERE run_id = ?1 AND step > ?2)"
-        )
-        ends.extend(v for v in conn.execute(sql, (run_id, since)).fetchone() if v is not None)
-    return (min(ends), max(ends)) if ends else None
+def _table_bounds(conn: sqlite3.Connection, table: str, run_id: int, since: int) -> tuple[int, int] | None:
+    """The first and last step after `since` in a metric table (primary-key lookups, no scan)."""
+    sql = (
+        f"SELECT (SELECT min(step) FROM {table} WHERE run_id = ?1 AND step > ?2), "
+        f"(SELECT max(step) FROM {table} WHERE run_id = ?1 AND step > ?2)"
+    )
+    first, last = conn.execute(sql, (run_id, since)).fetchone()
+    return None if first is None else (first, last)
 
 
 def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> tuple[list[int], dict[str, list]]:
@@ -138,33 +151,99 @@ def _load(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int
     return steps, {k: columns[k] for k in keys}
 
 
+@dataclass
+class _Grid:
+    """`count` buckets of consecutive steps; bucket i starts at step `origin + (i * num // den) * unit`.
+
+    Either `width` steps each (unit 1, num = width, den 1), or whole blocks of a rollup level (unit =
+    block size, num = blocks, den = count: the blocks shared out as evenly as whole blocks allow).
+    """
+
+    origin: int
+    unit: int
+    num: int
+    den: int
+    count: int
+    level: int | None
+    """The rollup level whose blocks make the buckets; None for buckets of `width` steps."""
+
+
+def _grid(first: int, last: int, n_buckets: int) -> _Grid:
+    """`n_buckets` buckets over first..last (fewer if they would be under a step wide): whole blocks of
+    the coarsest rollup level that gives each bucket several, so that they can be read from rollups.
+
+    It depends on the steps only, never on which rollups exist: a scan gives the same answer.
+    """
+    for level in reversed(range(len(ROLLUP_BLOCKS))):
+        size = ROLLUP_BLOCKS[level]
+        blocks = last // size - first // size + 1
+        if blocks >= _BLOCKS_PER_BUCKET * n_buckets:
+            return _Grid(first // size * size, size, blocks, n_buckets, n_buckets, level)
+    width = (last - first) // n_buckets + 1
+    return _Grid(first, 1, width, 1, (last - first) // width + 1, None)
+
+
+def _rollups_match(
+    conn: sqlite3.Connection, run_id: int, level: int, origin: int, since: int, rows: tuple[int, int]
+) -> bool:
+    """Whether the level's rollup blocks from `origin` on sum up exactly the step rows after `since`,
+    the first and last of which are at steps `rows`.
+
+    `write_steps` keeps the blocks of the rows it writes, so checking the ends is enough: the first and
+    last row are where their blocks say, and no row at or before `since` shares a block read.
+    """
+    size = ROLLUP_BLOCKS[level]
+    first, last = rows
+    sql = (
+        "SELECT (SELECT first_step FROM step_rollups WHERE run_id = ?1 AND level = ?2 AND block = ?3), "
+        "(SELECT last_step FROM step_rollups WHERE run_id = ?1 AND level = ?2 AND block = ?4), "
+        "(SELECT max(step) FROM step_metrics WHERE run_id = ?1 AND step >= ?5 AND step <= ?6)"
+    )
+    starts, ends, cut = conn.execute(sql, (run_id, level, first // size, last // size, origin, since)).fetchone()
+    return starts == first and ends == last and cut is None
+
+
 def _extreme_steps(
     conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int, max_points: int
 ) -> list[int]:
     """The first and last step, and for each bucket of steps and each key the steps of its min and max.
 
-    SQLite does the work: each bucket is a primary-key range, and `SELECT step, min(x)` takes `step`
-    from the row holding the minimum, so no row reaches Python unless it is kept.
+    SQLite does the work, one bucket at a time, in step order: a bucket is a primary-key range of the
+    rows, or of the rollup blocks when it is made of whole blocks (a block's min and the step holding
+    it stand for its rows), and `SELECT step, min(x)` takes `step` from the first row holding the min.
     """
-    bounds = _bounds(conn, run_id, keys, since)
-    if bounds is None:
+    rows = _table_bounds(conn, "step_metrics", run_id, since) if _step_keys(keys) else None
+    evals = _table_bounds(conn, "eval_metrics", run_id, since) if EVAL_KEY in keys else None
+    ends = [*(rows or ()), *(evals or ())]
+    if not ends:
         return []
-    first, last = bounds
-    n_buckets = max(1, (max_points - 2) // (2 * len(keys)))
-    width = max(1, math.ceil((last - first + 1) / n_buckets))
+    first, last = min(ends), max(ends)
+    grid = _grid(first, last, max(1, (max_points - 2) // (2 * len(keys))))
+    level = grid.level
+    if level is not None and (rows is None or not _rollups_match(conn, run_id, level, grid.origin, since, rows)):
+        level = None
     picks = []
     for key in keys:  # from METRIC_KEYS only
-        table = "eval_metrics" if key == EVAL_KEY else "step_metrics"
         for extreme in ("min", "max"):
-            picks.append(
-                f"(SELECT step FROM (SELECT step, {extreme}({key}) FROM {table} "
-                "WHERE run_id = :run AND step >= b.lo AND step < b.lo + :width))"
-            )
+            if key != EVAL_KEY and level is not None:
+                picks.append(
+                    f"(SELECT {key}_{extreme}_step FROM (SELECT {key}_{extreme}_step, {extreme}({key}_{extreme}) "
+                    "FROM step_rollups WHERE run_id = :run AND level = :level "
+                    "AND block >= b.lo / :unit AND block < b.hi / :unit))"
+                )
+            else:  # a bucket without a value of the key keeps no step for it
+                table = "eval_metrics" if key == EVAL_KEY else "step_metrics"
+                picks.append(
+                    f"(SELECT CASE WHEN v IS NOT NULL THEN step END FROM (SELECT step, {extreme}({key}) AS v "
+                    f"FROM {table} WHERE run_id = :run AND step >= max(b.lo, :since + 1) AND step < b.hi))"
+                )
+    start = ":origin + (b.i * :num / :den) * :unit"  # integer division: the grid's bucket bounds
     sql = (
-        "WITH RECURSIVE b(lo) AS (SELECT :first UNION ALL SELECT lo + :width FROM b WHERE lo + :width <= :last) "
+        f"WITH RECURSIVE b(i, lo, hi) AS (SELECT 0, :origin, {start.replace('b.i', '1')} "
+        f"UNION ALL SELECT b.i + 1, b.hi, {start.replace('b.i', '(b.i + 2)')} FROM b WHERE b.i + 1 < :count) "
         f"SELECT {', '.join(picks)} FROM b"
     )
-    params = {"run": run_id, "first": first, "last": last, "width": width}
+    params = vars(grid) | {"run": run_id, "since": since, "level": level}
     kept = {first, last}
     for row in conn.execute(sql, params):
         kept.update(step for step in row if step is not None)
@@ -190,6 +269,26 @@ def _values_at(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], steps
         evals = dict(conn.execute(sql, (run_id, wanted)).fetchall())
         columns[EVAL_KEY] = [evals.get(s) for s in steps]
     return {k: columns[k] for k in keys}
+
+
+def _json_at(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], steps: list[int]) -> tuple[str, list[str]]:
+    """The steps array and each key's array of values at those steps (null where none), written by SQLite.
+
+    `json_each` drives the join, so the arrays follow the given (sorted) steps; each step costs one
+    primary-key lookup per table.
+    """
+    joins = ""
+    if _step_keys(keys):
+        joins += " LEFT JOIN step_metrics s ON s.run_id = :run AND s.step = j.value"
+    if EVAL_KEY in keys:
+        joins += " LEFT JOIN eval_metrics e ON e.run_id = :run AND e.step = j.value"
+    arrays = ["json_group_array(j.value)"]
+    for key in keys:  # from METRIC_KEYS only
+        ref = f"e.{key}" if key == EVAL_KEY else f"s.{key}"
+        arrays.append(f"json_group_array(CASE WHEN abs({ref}) <= {_FLOAT_MAX} THEN {ref} END)")
+    sql = f"SELECT {', '.join(arrays)} FROM json_each(:steps) j{joins}"
+    steps_json, *series = conn.execute(sql, {"run": run_id, "steps": json.dumps(steps)}).fetchone()
+    return steps_json, series
 
 
 def _budget(max_points: int | None, keys: Sequence[str]) -> int | None:
@@ -260,11 +359,16 @@ def metrics_members(
     since = -1 if since_step is None else since_step
     budget = _budget(max_points, keys)
     span = _span(conn, run_id, keys, since, budget)
-    if (budget is None or span.n <= budget) and not span.eval_only:
-        return _json_by_sqlite(conn, run_id, keys, since)
-    metrics = _read(conn, run_id, keys, since, budget, span)
-    body = json.dumps({"steps": metrics.steps, "series": metrics.series, "downsampled": metrics.downsampled})
-    return body[1:-1]
+    if budget is None or span.n <= budget:
+        if not span.eval_only:
+            return _json_by_sqlite(conn, run_id, keys, since)
+        metrics = _read(conn, run_id, keys, since, budget, span)
+        body = json.dumps({"steps": metrics.steps, "series": metrics.series, "downsampled": metrics.downsampled})
+        return body[1:-1]
+    steps = _extreme_steps(conn, run_id, keys, since, budget)
+    steps_json, series = _json_at(conn, run_id, keys, steps)
+    members = ",".join(f"{json.dumps(k)}:{v}" for k, v in zip(keys, series, strict=True))
+    return f'"steps":{steps_json},"series":{{{members}}},"downsampled":{json.dumps(len(steps) < span.n)}'
 
 
 def metrics_json(
@@ -297,6 +401,205 @@ def compare_json(
         head = json.dumps({"id": run_id, "name": name, "learning_rate": lr, "status": status, "sweep_id": sweep_id})
         parts.append(f"{head[:-1]},{metrics_members(conn, run_id, keys, None, max_points)}}}")
     return f'{{"keys":{json.dumps(list(keys))},"runs":[{",".join(parts)}]}}'
+
+
+# --- writing rollups ---------------------------------------------------------------------------------------
+
+STEP_INSERT = (
+    f"INSERT OR REPLACE INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(STEP_COLUMNS) + 2))})"
+)
+_ROLLUP_COLUMNS = ("first_step", "last_step", *(f"{c}_{part}" for c in STEP_COLUMNS for part in ROLLUP_PARTS))
+_ROLLUP_INSERT = (
+    f"INSERT OR REPLACE INTO step_rollups (run_id, level, block, {', '.join(_ROLLUP_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * (len(_ROLLUP_COLUMNS) + 3))})"
+)
+_ROWS_SQL = f"SELECT step, {', '.join(STEP_COLUMNS)} FROM step_metrics WHERE run_id = ? AND step BETWEEN ? AND ?"
+_BLOCKS_SQL = (
+    f"SELECT block, {', '.join(_ROLLUP_COLUMNS)} FROM step_rollups "
+    "WHERE run_id = ? AND level = ? AND block BETWEEN ? AND ?"
+)
+_REFRESH_CHUNK = 64 * ROLLUP_BLOCKS[-1]
+"""Steps a whole-run refresh reads at a time (whole top-level blocks)."""
+
+
+def write_steps(conn: sqlite3.Connection, run_id: int, rows: Sequence[Sequence[Any]]) -> None:
+    """Write step rows (run_id, step, *STEP_COLUMNS) of one run, replacing any of the same steps, and
+    bring the rollups of their blocks up to date, in the caller's transaction.
+
+    Writers of step_metrics go through here (the recorder's writer thread does): a run whose rollups
+    do not match its rows is read by scanning them, which is correct but slow.
+    """
+    if not rows:
+        return
+    width = len(STEP_COLUMNS) + 2
+    flat = list(chain.from_iterable(rows))
+    _insert_rows(conn, STEP_INSERT, flat, width)
+    try:  # a fifth faster than np.array, where no value is None
+        table = np.fromiter(flat, np.float64, len(flat)).reshape(-1, width)[:, 1:]
+    except TypeError:
+        table = np.array(flat, dtype=np.float64).reshape(-1, width)[:, 1:]
+    steps = table[:, 0]
+    if (steps[1:] > steps[:-1]).all():
+        _refresh_rows(conn, run_id, table, complete=False)
+    else:  # out of order or a step twice: the stored rows say which value won
+        _refresh_range(conn, run_id, int(steps.min()), int(steps.max()))
+
+
+def _insert_rows(conn: sqlite3.Connection, sql: str, flat: list[Any], width: int) -> None:
+    """Run `sql`, an INSERT of one row of `width` values, for the rows laid one after another in `flat`.
+
+    Up to 999 values to a statement (SQLite's oldest limit): every run of a statement lets go of the GIL
+    and takes it back, and a statement per row writes a third fewer rows per second.
+    """
+    per_statement = max(1, 999 // width)
+    rows = len(flat) // width
+    whole = (rows - rows % per_statement) * width
+    size = per_statement * width
+    if whole:
+        conn.executemany(_many_rows(sql, width, per_statement), [flat[i : i + size] for i in range(0, whole, size)])
+    conn.executemany(sql, [flat[i : i + width] for i in range(whole, len(flat), width)])
+
+
+@functools.cache
+def _many_rows(sql: str, width: int, rows: int) -> str:
+    return sql + f", ({', '.join('?' * width)})" * (rows - 1)
+
+
+@dataclass
+class _Members:
+    """What a level's blocks are summed up from, in step order: rows (a step each) or blocks of the level below.
+
+    `low[i, c]` is member i's smallest value of column c (NaN: none) and `low_step[i, c]` the first step
+    holding it; `high` and `high_step` the same for the largest.
+    """
+
+    block: np.ndarray
+    """The block, of the level being summed up, that each member falls in."""
+    first: np.ndarray
+    last: np.ndarray
+    low: np.ndarray
+    low_step: np.ndarray
+    high: np.ndarray
+    high_step: np.ndarray
+
+    @classmethod
+    def of_rows(cls, table: np.ndarray) -> _Members:
+        """From rows (step, *STEP_COLUMNS) as floats (NaN for NULL), sorted by step, no step twice."""
+        steps, values = table[:, 0], table[:, 1:]
+        at = np.broadcast_to(steps[:, None], values.shape)
+        return cls(steps // ROLLUP_BLOCKS[0], steps, steps, values, at, values, at)
+
+    @classmethod
+    def of_blocks(cls, table: np.ndarray) -> _Members:
+        """From level-0 rollups (block, *_ROLLUP_COLUMNS) as floats, sorted by block."""
+        per_block = ROLLUP_BLOCKS[1] // ROLLUP_BLOCKS[0]
+        return cls(table[:, 0] // per_block, table[:, 1], table[:, 2], *(table[:, 3 + i :: 4] for i in range(4)))
+
+    def slice(self, lo: int, hi: int) -> _Members:
+        return _Members(*(getattr(self, f)[lo:hi] for f in self.__dataclass_fields__))
+
+
+def _groups(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each run of equal values of a sorted array starts, and its length."""
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return starts, np.diff(np.r_[starts, len(ids)])
+
+
+def _sum_up(run_id: int, level: int, m: _Members) -> np.ndarray:
+    """One rollup row per block, as `_ROLLUP_INSERT` takes it (run_id, level, block, first_step, ...).
+
+    A block's min is the smallest value of its members, held at the earliest step that has it (the
+    first member, in step order, whose min equals it); NaN, which stands for NULL, where no member
+    has a value. The same rule as SQLite's `min(x)` with a bare `step` column over the rows.
+    """
+    n, width = m.low.shape
+    starts, counts = _groups(m.block)
+    out = np.empty((len(starts), 5 + 4 * width))
+    out[:, 0], out[:, 1] = run_id, level
+    out[:, 2], out[:, 3], out[:, 4] = m.block[starts], m.first[starts], m.last[starts + counts - 1]
+    # Blocks of one size without NULLs (the usual whole blocks): argmin/argmax, which take the first.
+    plain = bool((counts == counts[0]).all()) and not (np.isnan(m.low).any() or np.isnan(m.high).any())
+    for i, (values, steps, best, arg) in enumerate(
+        ((m.low, m.low_step, np.fmin, np.argmin), (m.high, m.high_step, np.fmax, np.argmax))
+    ):
+        if plain:
+            values, steps = values.reshape(-1, counts[0], width), steps.reshape(-1, counts[0], width)
+            holder = arg(values, axis=1)[:, None, :]
+            extreme = np.take_along_axis(values, holder, axis=1)[:, 0, :]
+            at = np.take_along_axis(steps, holder, axis=1)[:, 0, :]
+        else:
+            extreme = best.reduceat(values, starts, axis=0)  # fmin/fmax skip NaN: NaN only if all are
+            hit = np.where(values == np.repeat(extreme, counts, axis=0), np.arange(n)[:, None], n)
+            holder = np.minimum.reduceat(hit, starts, axis=0)  # the first member holding it
+            at = np.where(holder < n, steps[np.minimum(holder, n - 1), np.arange(width)], np.nan)
+        out[:, 5 + 2 * i :: 4] = extreme
+        out[:, 6 + 2 * i :: 4] = at
+    return out
+
+
+def _as_table(rows: list[Any]) -> np.ndarray:
+    """sqlite3 rows (at least one) as floats, NaN for None (SQLite's NULL)."""
+    return np.array(rows, dtype=np.float64)
+
+
+def _stored(conn: sqlite3.Connection, run_id: int, level: int, block: int) -> _Members:
+    """The stored members of a block: its step rows (level 0) or its level-0 rollups (level 1)."""
+    if level == 0:
+        size = ROLLUP_BLOCKS[0]
+        return _Members.of_rows(
+            _as_table(conn.execute(_ROWS_SQL, (run_id, block * size, (block + 1) * size - 1)).fetchall())
+        )
+    per_block = ROLLUP_BLOCKS[1] // ROLLUP_BLOCKS[0]
+    stored = conn.execute(_BLOCKS_SQL, (run_id, 0, block * per_block, (block + 1) * per_block - 1)).fetchall()
+    return _Members.of_blocks(_as_table(stored))
+
+
+def _refresh_level(conn: sqlite3.Connection, run_id: int, level: int, members: _Members, complete: bool) -> np.ndarray:
+    """Store the level's rollups of the blocks the members fall in, and return them (sorted by block).
+
+    Unless `complete` (the members are all there is of their blocks), a block with fewer members than
+    it has room for is summed up from what is stored instead (written just before, in this transaction).
+    """
+    room = ROLLUP_BLOCKS[0] if level == 0 else ROLLUP_BLOCKS[1] // ROLLUP_BLOCKS[0]
+    starts, counts = _groups(members.block)
+    partial = [] if complete else np.flatnonzero(counts < room).tolist()  # usually the first and the last
+    # Leave partial blocks at the ends out of the sum (the rest are then often all whole: a faster sum).
+    lo = 1 if partial and partial[0] == 0 else 0
+    hi = len(starts) - 1 if partial and partial[-1] == len(starts) - 1 else len(starts)
+    bounds = np.r_[starts, len(members.block)]
+    parts = [_sum_up(run_id, level, members.slice(bounds[lo], bounds[hi]))] if lo < hi else []
+    parts += [_sum_up(run_id, level, _stored(conn, run_id, level, int(members.block[starts[i]]))) for i in partial]
+    rollups = np.concatenate(parts)
+    if len(parts) > 1:  # by block, a block summed up from what is stored replacing one from the members
+        rollups = rollups[np.argsort(rollups[:, 2], kind="stable")]
+        rollups = rollups[np.r_[rollups[1:, 2] != rollups[:-1, 2], True]]
+    # Floats throughout: SQLite stores NaN as NULL, and the INTEGER columns turn 17.0 back into 17.
+    _insert_rows(conn, _ROLLUP_INSERT, rollups.ravel().tolist(), rollups.shape[1])
+    return rollups
+
+
+def _refresh_rows(conn: sqlite3.Connection, run_id: int, table: np.ndarray, complete: bool) -> None:
+    """Both levels' rollups of the blocks holding rows (step, *STEP_COLUMNS) sorted by step, no step twice."""
+    level0 = _refresh_level(conn, run_id, 0, _Members.of_rows(table), complete)
+    _refresh_level(conn, run_id, 1, _Members.of_blocks(level0[:, 2:]), complete)
+
+
+def refresh_rollups(conn: sqlite3.Connection, run_id: int) -> None:
+    """Redo all the rollups of a run from its step rows (after rows were written other than by `write_steps`)."""
+    conn.execute("DELETE FROM step_rollups WHERE run_id = ?", (run_id,))
+    sql = "SELECT min(step), max(step) FROM step_metrics WHERE run_id = ?"
+    _refresh_range(conn, run_id, *conn.execute(sql, (run_id,)).fetchone())
+
+
+def _refresh_range(conn: sqlite3.Connection, run_id: int, first: int | None, last: int | None) -> None:
+    """Redo every block holding steps first..last, reading the rows a few level-1 blocks at a time."""
+    if first is None or last is None:
+        return
+    for lo in range(first - first % ROLLUP_BLOCKS[1], last + 1, _REFRESH_CHUNK):
+        rows = conn.execute(_ROWS_SQL, (run_id, lo, lo + _REFRESH_CHUNK - 1)).fetchall()
+        if rows:
+            _refresh_rows(conn, run_id, _as_table(rows), complete=True)
 
 
 # --- following a run live ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, Float, ForeignKey, Integer, Table
 from sqlmodel import Field, SQLModel
 
 
@@ -149,6 +149,31 @@ class StepMetric(SQLModel, table=True):
     step_scale: float | None
     wall_time: float
     step_time: float
+
+
+ROLLUP_PARTS = ("min", "min_step", "max", "max_step")
+"""Per metric column and rollup block: the smallest and largest value and the (first) step holding each."""
+
+step_rollups = Table(
+    "step_rollups",
+    SQLModel.metadata,
+    Column("run_id", Integer, ForeignKey("runs.id"), primary_key=True),
+    Column("level", Integer, primary_key=True),
+    Column("block", Integer, primary_key=True),
+    Column("first_step", Integer, nullable=False),
+    Column("last_step", Integer, nullable=False),
+    *(
+        Column(f"{c}_{part}", Integer if part.endswith("step") else Float)
+        for c in STEP_COLUMNS
+        for part in ROLLUP_PARTS
+    ),
+    sqlite_with_rowid=False,
+)
+"""Each block of consecutive steps of a run summed up for downsampled reads (app.metrics keeps it current).
+
+Block `b` of level `l` holds steps `b * size .. (b + 1) * size - 1` (sizes in app.metrics.ROLLUP_BLOCKS).
+A plain table, not a SQLModel class: its 53 columns are generated and no row is ever built as an object.
+"""
 
 
 class EvalMetric(SQLModel, table=True):

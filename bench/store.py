@@ -170,10 +170,40 @@ def start_server(
         proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_http(port, ready_path, proc)
+        settle(proc.pid)
     except BaseException:
         stop_server(proc)
         raise
     return proc
+
+
+def session_cpu_seconds(session: int) -> float:
+    """CPU time used so far by the processes of a session (a server started with start_new_session)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[3]) == session:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def settle(session: int, timeout: float = 60.0) -> None:
+    """Wait until a server is idle (under 5% of a CPU for a second): start-up work that goes on after it
+    answers (`stepscope serve` imports torch in the background for its first training job) is not the
+    cost of a request. No-op without /proc."""
+    if not Path("/proc/self/stat").exists():
+        return
+    deadline = time.monotonic() + timeout
+    used = session_cpu_seconds(session)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        before, used = used, session_cpu_seconds(session)
+        if used - before < 0.05:
+            return
+    log(f"server session {session} still busy after {timeout:.0f} s; timing it anyway")
 
 
 def stop_server(proc: subprocess.Popen[bytes] | None) -> None:
@@ -691,7 +721,7 @@ def code_version() -> str:
     """The commit measured, and whether the read/write code differed from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        files = ["app/metrics.py", "app/routers/metrics.py", "trainer/recorder.py", "app/db.py"]
+        files = ["app/metrics.py", "app/routers/metrics.py", "trainer/recorder.py", "app/db.py", "app/models.py"]
         dirty = subprocess.run(["git", "status", "--porcelain", *files], cwd=ROOT, capture_output=True, text=True)
     except OSError:
         return "stepscope (no git)"

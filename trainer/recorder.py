@@ -19,13 +19,11 @@ from typing import Any
 from sqlmodel import Session
 
 from app.db import configure_sqlite, make_engine
-from app.models import STEP_COLUMNS, Run, RunStatus, sqlite_time
+from app.metrics import STEP_INSERT, write_steps
+from app.models import Run, RunStatus, sqlite_time
 from trainer.config import TrainConfig
 
-_STEP_SQL = (
-    f"INSERT OR REPLACE INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (len(STEP_COLUMNS) + 2))})"
-)
+_STEP_SQL = STEP_INSERT  # queued step rows go through app.metrics.write_steps, which keeps their rollups too
 _EVAL_SQL = "INSERT OR REPLACE INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)"
 _RUN_COLUMNS = frozenset(Run.model_fields) - {"id"}
 _CLOSE = object()
@@ -152,8 +150,15 @@ class Recorder:
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
+            steps: list[tuple[Any, ...]] = []
             for sql, rows in batch:
-                conn.executemany(sql, rows)
+                if sql is _STEP_SQL:
+                    steps += rows
+                else:
+                    conn.executemany(sql, rows)
+            # All the step rows at once, with the rollups of the blocks they fall in: in the same
+            # transaction, so that a reader never sees rows without their rollups.
+            write_steps(conn, self.run_id, steps)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -1,4 +1,4 @@
-"""Metric reads (app.metrics): exact series, spike-keeping downsampling, eval merge, CSV, speed."""
+"""Metric reads (app.metrics): exact series, spike-keeping downsampling, rollups, eval merge, CSV, speed."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
+import app.metrics
 from app.config import Settings
 from app.db import configure_sqlite
 from app.metrics import (
     METRIC_KEYS,
+    ROLLUP_BLOCKS,
     UnknownKeys,
     compare_json,
     iter_csv,
@@ -24,6 +26,8 @@ from app.metrics import (
     new_rows,
     parse_keys,
     read_metrics,
+    refresh_rollups,
+    write_steps,
 )
 from app.models import STEP_COLUMNS
 
@@ -55,9 +59,16 @@ def step_row(run_id: int, step: int, loss: float | None) -> tuple[object, ...]:
     return (run_id, step, step / 100, step * 8, step * 100, loss, 1e-3, 0.5, 0.01, 4.0, 0.0025, 1.0, step * 0.05, 0.05)
 
 
-def add_steps(db: sqlite3.Connection, run_id: int, losses: list[float | None], first: int = 1) -> None:
+def add_steps(
+    db: sqlite3.Connection, run_id: int, losses: list[float | None], first: int = 1, rollups: bool = True
+) -> None:
+    """Step rows as the recorder writes them, with their rollups (or, if not `rollups`, by a plain INSERT)."""
+    rows = [step_row(run_id, first + i, v) for i, v in enumerate(losses)]
     db.execute("BEGIN")
-    db.executemany(STEP_SQL, [step_row(run_id, first + i, v) for i, v in enumerate(losses)])
+    if rollups:
+        write_steps(db, run_id, rows)
+    else:
+        db.executemany(STEP_SQL, rows)
     db.execute("COMMIT")
 
 
@@ -225,10 +236,221 @@ def test_reads_are_fast(db: sqlite3.Connection) -> None:
             times.append(time.perf_counter() - start)
         return min(times)
 
+    four = ["loss", "lr", "grad_norm", "update_norm"]
     one = best(lambda: metrics_json(db, runs[0], ["loss"]))
-    every = best(lambda: [metrics_json(db, r, ["loss", "lr", "grad_norm", "update_norm"]) for r in runs], 3)
-    compare = best(lambda: compare_json(db, runs, ["loss"], max_points=1000), 3)
-    print(f"one 20k history {one * 1e3:.1f} ms; 4 keys x 10 runs {every * 1e3:.1f} ms; compare {compare * 1e3:.1f} ms")
+    every = best(lambda: [metrics_json(db, r, four) for r in runs], 3)
+    compare = best(lambda: compare_json(db, runs, four, max_points=1000), 3)
+    db.execute("DELETE FROM step_rollups")  # as after a writer that does not keep them: a scan
+    scanned = best(lambda: compare_json(db, runs, four, max_points=1000), 3)
+    print(
+        f"one 20k history {one * 1e3:.1f} ms; 4 keys x 10 runs {every * 1e3:.1f} ms; "
+        f"downsampled compare {compare * 1e3:.1f} ms ({scanned * 1e3:.1f} ms without rollups)"
+    )
     assert one < 0.060
     assert every < 1.0
-    assert compare < 0.250
+    assert compare < 0.150
+    assert scanned < 1.0
+
+
+# --- rollups ---------------------------------------------------------------------------------------------
+
+NULLABLE = {"loss", "grad_norm", "update_norm", "param_norm", "update_ratio", "step_scale"}
+
+
+def random_rows(run_id: int, steps: range, seed: int, nulls: bool) -> list[tuple[object, ...]]:
+    """Noisy rows with spikes and dips at random steps, ties (repeated values), inf and, if `nulls`, NULLs."""
+    rng = random.Random(seed)
+    rows = []
+    for step in steps:
+        values: list[object] = []
+        for column in STEP_COLUMNS:
+            roll = rng.random()
+            if roll < 0.3:
+                value: object = rng.choice([0.5, 1.0, 2.0])  # ties: the earliest step must win
+            elif roll < 0.302:
+                value = rng.choice([1e6, -1e6, math.inf, -math.inf])
+            else:
+                value = rng.gauss(1.0, 0.1)
+            if column in ("samples", "tokens"):
+                value = step * 8 + rng.randrange(3)
+            elif nulls and column in NULLABLE and (rng.random() < 0.03 or (column == "loss" and 3000 < step < 3700)):
+                value = None  # scattered NULLs, and a stretch of them longer than a level-0 block
+            values.append(value)
+        rows.append((run_id, step, *values))
+    return rows
+
+
+def write_in_batches(db: sqlite3.Connection, rows: list[tuple[object, ...]], seed: int) -> None:
+    """The recorder's way, in transactions of uneven sizes."""
+    rng = random.Random(seed)
+    i = 0
+    while i < len(rows):
+        batch = rows[i : i + rng.choice([1, 7, 33, 500, 2900])]
+        db.execute("BEGIN")
+        write_steps(db, int(batch[0][0]), batch)  # type: ignore[arg-type]
+        db.execute("COMMIT")
+        i += len(batch)
+
+
+def stored_rollups(db: sqlite3.Connection, run_id: int) -> list[tuple[object, ...]]:
+    return db.execute("SELECT * FROM step_rollups WHERE run_id = ? ORDER BY level, block", (run_id,)).fetchall()
+
+
+@pytest.fixture
+def rollup_reads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each downsampled read that could use rollups found them matching the rows."""
+    seen: list[bool] = []
+    check = app.metrics._rollups_match
+
+    def spy(*args: object) -> bool:
+        seen.append(check(*args))  # type: ignore[arg-type]
+        return seen[-1]
+
+    monkeypatch.setattr(app.metrics, "_rollups_match", spy)
+    return seen
+
+
+def answers(db: sqlite3.Connection, run_id: int, cases: list[tuple[list[str], int | None, int]]) -> list[object]:
+    return [
+        (json.loads(metrics_json(db, run_id, keys, since, points)), read_metrics(db, run_id, keys, since, points))
+        for keys, since, points in cases
+    ]
+
+
+def assert_same_as_a_scan(db: sqlite3.Connection, run_id: int, cases: list[tuple[list[str], int | None, int]]) -> None:
+    """The answers read from rollups equal those of a scan of the rows (the rollups deleted, then restored)."""
+    with_rollups = answers(db, run_id, cases)
+    kept = stored_rollups(db, run_id)
+    db.execute("DELETE FROM step_rollups WHERE run_id = ?", (run_id,))
+    scanned = answers(db, run_id, cases)
+    refresh_rollups(db, run_id)
+    assert stored_rollups(db, run_id) == kept  # rollups written batch by batch = those of the whole run at once
+    for case, fast, slow in zip(cases, with_rollups, scanned, strict=True):
+        assert fast == slow, case
+
+
+@pytest.mark.parametrize("nulls", [True, False], ids=["with-nulls", "no-nulls"])
+def test_downsampling_from_rollups_gives_the_answers_of_a_scan(
+    db: sqlite3.Connection, rollup_reads: list[bool], nulls: bool
+) -> None:
+    run_id = add_run(db)
+    n = 23_456  # not a whole number of blocks
+    rows = random_rows(run_id, range(1, n + 1), seed=7, nulls=nulls)
+    write_in_batches(db, rows, seed=8)
+    evals = [(run_id, s, random.Random(s).uniform(0, 3), 0.0) for s in range(0, n + 1, 50)]  # step 0: no step row
+    db.executemany("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)", evals)
+
+    four = ["loss", "lr", "grad_norm", "update_norm"]
+    cases: list[tuple[list[str], int | None, int]] = [
+        (["loss"], None, 1000),  # buckets of 48 steps: narrower than the rule for rollups, a scan either way
+        (["loss"], None, 300),  # level-0 blocks
+        (four, None, 1000),
+        (list(STEP_COLUMNS), None, 2000),
+        (["loss", "eval_loss"], None, 400),
+        (["loss"], None, 12),  # level-1 blocks
+        (four, 4095, 800),  # since a block boundary: rollups
+        (four, 4100, 800),  # since inside a block: a scan
+    ]
+    assert_same_as_a_scan(db, run_id, cases)
+    assert rollup_reads.count(True) >= 6  # the fast path was taken where it could be
+
+    # every answer holds each series' overall extremes at the steps of their first occurrences
+    body = json.loads(metrics_json(db, run_id, four, max_points=1000))
+    assert len(body["steps"]) <= 1000 and body["downsampled"] is True
+    assert body["steps"][0] == 1 and body["steps"][-1] == n
+    for key in four:
+        at = 2 + STEP_COLUMNS.index(key)
+        column = [(r[at], r[1]) for r in rows if r[at] is not None]
+        low, high = min(column, key=lambda c: c[0]), max(column, key=lambda c: c[0])  # the first of ties
+        points = dict(zip(body["steps"], body["series"][key], strict=True))
+        for value, step in (low, high):
+            assert points[step] == (value if math.isfinite(value) else None)  # type: ignore[arg-type]
+
+
+def test_a_live_run_is_read_from_rollups_while_its_last_block_fills(
+    db: sqlite3.Connection, rollup_reads: list[bool]
+) -> None:
+    run_id = add_run(db)
+    rows = random_rows(run_id, range(1, 9000), seed=3, nulls=True)
+    cases: list[tuple[list[str], int | None, int]] = [(["loss", "grad_norm"], None, 100), (["loss"], 3999, 60)]
+    written = 0
+    for upto in (4007, 4008, 4100, 8999):  # each leaves the last block part-filled (4008: by a 1-row batch)
+        write_in_batches(db, rows[written:upto], seed=upto)
+        written = upto
+        assert_same_as_a_scan(db, run_id, cases)
+    assert rollup_reads.count(True) >= 5
+
+
+def test_rewritten_steps_and_writers_without_rollups(db: sqlite3.Connection, rollup_reads: list[bool]) -> None:
+    run_id = add_run(db)
+    add_steps(db, run_id, [1.0] * 5000)
+    # A resumed run writes some steps again, out of order: the rollups follow the rows that won.
+    again = [step_row(run_id, s, v) for s, v in ((1300, 0.5), (1234, 9.0), (1240, 0.5), (1234, 0.5), (1299, 0.5))]
+    write_steps(db, run_id, again)
+    body = read_metrics(db, run_id, ["loss"], max_points=60)
+    assert rollup_reads == [True]
+    assert dict(zip(body.steps, body.series["loss"], strict=True))[1234] == 0.5  # the last write of step 1234
+    assert min(body.series["loss"]) == 0.5 and max(body.series["loss"]) == 1.0  # type: ignore[type-var]
+
+    # Rows written around write_steps, without their rollups: a scan, with the right answers.
+    add_steps(db, run_id, [7.0, 0.25], first=5001, rollups=False)
+    body = read_metrics(db, run_id, ["loss"], max_points=60)
+    assert rollup_reads == [True, False]
+    assert body.steps[-1] == 5002 and 7.0 in body.series["loss"] and 0.25 in body.series["loss"]
+
+
+def test_rows_before_since_step_never_come_from_a_shared_block(
+    db: sqlite3.Connection, rollup_reads: list[bool]
+) -> None:
+    run_id = add_run(db)
+    losses: list[float | None] = [1.0] * 2995
+    losses[-4:] = [100.0, -100.0, 100.0, -100.0]  # steps 2992..2995, in the block of 2976..3007
+    add_steps(db, run_id, losses)
+    add_steps(db, run_id, [1.0] * 4000, first=5001)  # a gap, then more steps
+    db.execute("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, 3005, 0.5, 0.0)", (run_id,))
+    cases: list[tuple[list[str], int | None, int]] = [(["loss", "eval_loss"], 2995, 150)]
+    assert_same_as_a_scan(db, run_id, cases)
+    assert rollup_reads[0] is False  # the first bucket starts at 2976, and that block has rows up to 2995
+    body = read_metrics(db, run_id, ["loss", "eval_loss"], since_step=2995, max_points=150)
+    assert body.downsampled and body.steps[0] == 3005 and {-100.0, 100.0}.isdisjoint(body.series["loss"])
+
+
+def test_the_recorder_writes_rollups_with_the_rows(
+    settings: Settings, db: sqlite3.Connection, rollup_reads: list[bool]
+) -> None:
+    from trainer.recorder import Recorder
+
+    run_id = add_run(db)
+    rows = [r[1:] for r in random_rows(run_id, range(1, 3001), seed=11, nulls=True)]
+    recorder = Recorder(settings.db_path, run_id)
+    for i in range(0, len(rows), 32):  # the training loop hands rows over 32 at a time
+        recorder.steps(rows[i : i + 32])
+    recorder.close()
+
+    assert len(stored_steps(db, run_id)) == 3000
+    written = stored_rollups(db, run_id)
+    assert len(written) == (3000 // ROLLUP_BLOCKS[0] + 1) + (3000 // ROLLUP_BLOCKS[1] + 1)  # levels 0 and 1
+    refresh_rollups(db, run_id)
+    assert stored_rollups(db, run_id) == written  # the same as a refresh of the whole run
+    assert_same_as_a_scan(db, run_id, [(["loss", "lr", "grad_norm"], None, 80)])
+    assert rollup_reads[:2] == [True, True]
+
+
+def stored_steps(db: sqlite3.Connection, run_id: int) -> list[int]:
+    return [r[0] for r in db.execute("SELECT step FROM step_metrics WHERE run_id = ?", (run_id,))]
+
+
+def test_deleting_a_run_deletes_its_rollups(settings: Settings, db: sqlite3.Connection) -> None:
+    from sqlmodel import Session
+
+    from app.db import make_engine
+    from app.jobs import delete_run
+
+    run_id, keep = add_run(db), add_run(db, "keep")
+    add_steps(db, run_id, [1.0] * 100)
+    add_steps(db, keep, [1.0] * 100)
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        delete_run(session, settings, run_id)  # foreign keys are on: rollups left behind would fail it
+    engine.dispose()
+    assert stored_rollups(db, run_id) == [] and len(stored_rollups(db, keep)) == 100 // ROLLUP_BLOCKS[0] + 1 + 1

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
 import app.models  # noqa: F401  (registers the tables)
+from alembic import command
 from app.config import Settings
 from app.db import ALEMBIC_DIR, upgrade
+from app.metrics import refresh_rollups
+from app.models import STEP_COLUMNS, StepMetric
 
 
 def test_autogenerate_finds_no_difference_between_models_and_migrations(settings: Settings) -> None:
@@ -50,3 +55,39 @@ def test_stepscope_db_upgrade_creates_the_database(home: Path, capsys: pytest.Ca
     with sqlite3.connect(home / "stepscope.db") as conn:
         (version,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
     assert version == ScriptDirectory(str(ALEMBIC_DIR)).get_current_head()
+
+
+def test_upgrade_backfills_the_rollups_of_recorded_steps(home: Path) -> None:
+    """Revision 0003 sums up the rows already there in SQL: the same rollups as app.metrics writes."""
+    settings = Settings()
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("sqlalchemy.url", settings.database_url)
+    command.upgrade(config, "0002")
+    rng = random.Random(4)
+
+    def value(column: str) -> float | None:
+        v = rng.choice([0.5, 1.0, rng.gauss(1, 0.1), None])  # ties and NULLs
+        return 0.0 if v is None and not StepMetric.__table__.columns[column].nullable else v  # type: ignore[attr-defined]
+
+    rows = [
+        (run_id, step, *map(value, STEP_COLUMNS)) for run_id, n in ((1, 1000), (2, 20_000)) for step in range(1, n + 1)
+    ]
+    with sqlite3.connect(settings.db_path) as conn:
+        for run_id in (1, 2):
+            conn.execute(
+                "INSERT INTO runs (id, name, kind, status, model, dataset, learning_rate, batch_size, optimizer, "
+                "config, created_at, steps_done) VALUES (?, 'r', 'train', 'completed', 'm', 'd', 0.1, 8, 'adamw', "
+                "'{}', '2026-01-01 00:00:00.000000', 0)",
+                (run_id,),
+            )
+        marks = ", ".join("?" * (len(STEP_COLUMNS) + 2))
+        conn.executemany(f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({marks})", rows)
+
+    upgrade(settings.database_url)
+    with sqlite3.connect(settings.db_path) as conn:
+        query = "SELECT * FROM step_rollups WHERE run_id = ? ORDER BY level, block"
+        for run_id in (1, 2):
+            backfilled = conn.execute(query, (run_id,)).fetchall()
+            refresh_rollups(conn, run_id)
+            assert backfilled and conn.execute(query, (run_id,)).fetchall() == backfilled
