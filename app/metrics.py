@@ -9,8 +9,8 @@ the steps holding the bucket's smallest and largest value are kept, plus the fir
 A single spike among 100,000 steps is therefore always in the answer, where a stride or an average
 would drop or flatten it. SQLite picks those steps itself, so the dropped rows never reach Python.
 
-Wide buckets are read from rollups instead of the rows: `step_rollups` holds, for each block of 32
-steps (and of 1,024), each column's min and max and the step of each, written with the rows (the
+Wide buckets are read from rollups instead of the rows: `step_rollups` holds, for each block of 64
+steps (and of 2,048), each column's min and max and the step of each, written with the rows (the
 recorder writes both through `write_steps`, in one transaction). A bucket of whole blocks then costs a few
 rollup rows instead of hundreds of step rows, with the same answer: the same extremes at the same
 steps (ties go to the earliest step either way). Where a run's rollups do not match its rows (a
@@ -39,11 +39,12 @@ METRIC_KEYS = (*STEP_COLUMNS, EVAL_KEY)
 DEFAULT_KEYS = ("loss",)
 CSV_COLUMNS = ("step", *STEP_COLUMNS, EVAL_KEY)
 _FLOAT_MAX = "1.7976931348623157e308"
-ROLLUP_BLOCKS = (32, 1024)
-"""Steps per rollup block at level 0 and level 1 (32 level-0 blocks); changing them needs a migration."""
-_BLOCKS_PER_BUCKET = 4
-"""A downsampled read is made of whole blocks of a level once each bucket gets this many: buckets then
-differ in width by a block, a quarter at most, and are read from rollups."""
+ROLLUP_BLOCKS = (64, 2048)
+"""Steps per rollup block at level 0 and level 1 (32 level-0 blocks); changing them needs a migration.
+Fewer, larger blocks cost the writer less (each rollup row is as wide as 4 step rows)."""
+_BLOCKS_PER_BUCKET = 2
+"""A downsampled read is made of whole blocks of a level once each bucket gets this many (buckets of
+128 steps or more at level 0); buckets then differ in width by one block at most."""
 
 
 class UnknownKeys(ValueError):

@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 # The metric columns and block sizes as of this revision (app.models.STEP_COLUMNS, app.metrics.ROLLUP_BLOCKS).
 COLUMNS = ('epoch', 'samples', 'tokens', 'loss', 'lr', 'grad_norm', 'update_norm', 'param_norm', 'update_ratio',
            'step_scale', 'wall_time', 'step_time')
-BLOCK = 32  # steps per level-0 block
+BLOCK = 64  # steps per level-0 block
 PER_BLOCK = 32  # level-0 blocks per level-1 block
 
 

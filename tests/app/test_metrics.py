@@ -397,6 +397,11 @@ def test_rewritten_steps_and_writers_without_rollups(db: sqlite3.Connection, rol
     body = read_metrics(db, run_id, ["loss"], max_points=60)
     assert rollup_reads == [True, False]
     assert body.steps[-1] == 5002 and 7.0 in body.series["loss"] and 0.25 in body.series["loss"]
+    other = add_run(db, "other")
+    add_steps(db, other, [1.0] * 4901, first=100)
+    add_steps(db, other, [-9.0 if s == 50 else 1.0 for s in range(1, 100)], rollups=False)  # before the first
+    body = read_metrics(db, other, ["loss"], max_points=60)
+    assert rollup_reads[-1] is False and min(body.series["loss"]) == -9.0  # type: ignore[type-var]
 
 
 def test_rows_before_since_step_never_come_from_a_shared_block(
@@ -404,13 +409,13 @@ def test_rows_before_since_step_never_come_from_a_shared_block(
 ) -> None:
     run_id = add_run(db)
     losses: list[float | None] = [1.0] * 2995
-    losses[-4:] = [100.0, -100.0, 100.0, -100.0]  # steps 2992..2995, in the block of 2976..3007
+    losses[-4:] = [100.0, -100.0, 100.0, -100.0]  # steps 2992..2995, in the block of 2944..3007
     add_steps(db, run_id, losses)
     add_steps(db, run_id, [1.0] * 4000, first=5001)  # a gap, then more steps
     db.execute("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, 3005, 0.5, 0.0)", (run_id,))
     cases: list[tuple[list[str], int | None, int]] = [(["loss", "eval_loss"], 2995, 150)]
     assert_same_as_a_scan(db, run_id, cases)
-    assert rollup_reads[0] is False  # the first bucket starts at 2976, and that block has rows up to 2995
+    assert rollup_reads[0] is False  # the first bucket starts at 2944, and that block has rows up to 2995
     body = read_metrics(db, run_id, ["loss", "eval_loss"], since_step=2995, max_points=150)
     assert body.downsampled and body.steps[0] == 3005 and {-100.0, 100.0}.isdisjoint(body.series["loss"])
 
