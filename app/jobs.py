@@ -87,22 +87,7 @@ def _plan(session: Session, config: TrainConfig) -> Plan:
 
 
 def _new_run(config: TrainConfig, plan: Plan, sweep_id: int | None, name: str = "") -> Run:
-    from trainer.recorder import default_name  # the same default name as a run started from the CLI
-
-    return Run(
-        name=name or default_name(config),
-        kind=config.kind,
-        model=config.model,
-        dataset=config.dataset,
-        learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer,
-        sweep_id=sweep_id,
-        config=config.model_dump(mode="json"),
-        n_train=plan.n_train,
-        updates_per_epoch=plan.updates_per_epoch,
-        total_steps=plan.total_steps,
-    )
+    return Run.for_config(config, name=name, sweep_id=sweep_id, **plan._asdict())
 
 
 def create_run(session: Session, config: TrainConfig, sweep_id: int | None = None) -> Run:

@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import JSON, Column, Float, ForeignKey, Integer, Table
 from sqlmodel import Field, SQLModel
 
+from trainer.config import TrainConfig
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -104,6 +106,25 @@ class Run(RunBase, table=True):
     # The analysis (scores and verdict) computed when the run ends.
     summary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     verdict: str | None = None
+
+    @classmethod
+    def for_config(cls, config: TrainConfig, **fields: Any) -> Run:
+        """A run of `config` with its denormalised columns; the CLI and the API name unnamed runs alike."""
+        fields["name"] = (
+            fields.get("name")
+            or config.name
+            or (f"{config.optimizer} lr={config.learning_rate:g} bs={config.batch_size}")
+        )
+        return cls(
+            kind=config.kind,
+            model=config.model,
+            dataset=config.dataset,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            optimizer=config.optimizer,
+            config=config.model_dump(mode="json"),
+            **fields,
+        )
 
 
 class RunPublic(RunBase):

@@ -29,27 +29,12 @@ _RUN_COLUMNS = frozenset(Run.model_fields) - {"id"}
 _CLOSE = object()
 
 
-def default_name(cfg: TrainConfig) -> str:
-    return cfg.name or f"{cfg.optimizer} lr={cfg.learning_rate:g} bs={cfg.batch_size}"
-
-
 def new_run(database_url: str, cfg: TrainConfig) -> int:
     """Insert a run that this process is about to train and return its id.
 
     It is `running` with this pid from the start, so a server's job runner never starts it a second time.
     """
-    run = Run(
-        status=RunStatus.running,
-        pid=os.getpid(),
-        name=default_name(cfg),
-        kind=cfg.kind,
-        model=cfg.model,
-        dataset=cfg.dataset,
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size,
-        optimizer=cfg.optimizer,
-        config=cfg.model_dump(mode="json"),
-    )
+    run = Run.for_config(cfg, status=RunStatus.running, pid=os.getpid())
     engine = make_engine(database_url)
     try:
         with Session(engine) as session:
