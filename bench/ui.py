@@ -1,7 +1,7 @@
 """How fast the compare page is with 10 runs of 20,000 steps each.
 
 A real server (`stepscope serve`, a temporary STEPSCOPE_HOME, 127.0.0.1 only) over a database holding
-10 finished runs x 20,000 step rows (written straight into SQLite). Debian's headless Chromium
+10 finished runs x 20,000 step rows (written as the trainer writes them, rollups included). Debian's headless Chromium
 (/usr/bin/chromium; never a downloaded browser) opens /compare?ids=1..10 and we measure:
 
 - the page's own data requests (`GET /api/compare?...`, as static/compare.js sends them: the loss
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
 from app.db import upgrade  # noqa: E402
-from app.models import STEP_COLUMNS  # noqa: E402
+from app.metrics import write_steps  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ui.txt"
 CHROMIUM = "/usr/bin/chromium"
@@ -98,8 +98,6 @@ def step_rows(run_id: int, lr: float, n_steps: int, rng: random.Random) -> list[
 
 
 def seed(database: Path, n_runs: int, n_steps: int) -> list[int]:
-    columns = ", ".join(("run_id", "step", *STEP_COLUMNS))
-    marks = ", ".join("?" * (len(STEP_COLUMNS) + 2))
     rng = random.Random(0)
     ids = []
     with sqlite3.connect(database) as conn:
@@ -113,9 +111,7 @@ def seed(database: Path, n_runs: int, n_steps: int) -> list[int]:
             )
             run_id = cursor.lastrowid
             assert run_id is not None
-            conn.executemany(
-                f"INSERT INTO step_metrics ({columns}) VALUES ({marks})", step_rows(run_id, lr, n_steps, rng)
-            )
+            write_steps(conn, run_id, step_rows(run_id, lr, n_steps, rng))  # with rollups, as the trainer writes
             ids.append(run_id)
     return ids
 
