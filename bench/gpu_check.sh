@@ -3,7 +3,7 @@
 #   1. the trainer tests with device=auto, i.e. on CUDA with bf16 autocast;
 #   2. bench/overhead.py on a SmolLM2-135M-shaped model (random weights: the GGUF file is too large to carry,
 #      and step time depends on the shape, not the values).
-# Expects: wheels for what the machine lacks in .whl/, SmolLM2's config and tokenizer in gpu-assets/smol/.
+# Expects .whl/ and gpu-assets/ as bench/gpu_prepare.sh makes them.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
