@@ -8,7 +8,6 @@ import json
 import math
 import random
 import sqlite3
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -217,39 +216,11 @@ def test_compare_names_each_run(db: sqlite3.Connection) -> None:
     assert body["keys"] == ["loss"]
     assert [(r["id"], r["name"], r["learning_rate"]) for r in body["runs"]] == [(b, "fast", 1e-2), (a, "slow", 1e-4)]
     assert body["runs"][0]["series"]["loss"] == [2.0, 1.0, 0.5] and body["runs"][0]["status"] == "completed"
+    # Every point of several runs is read on two connections: the same answer, in the order asked.
+    assert body["runs"][1]["series"]["loss"] == [2.0, 1.9] and body["runs"][1]["steps"] == [1, 2]
+    assert json.loads(compare_json(db, [b], ["loss"]))["runs"][0] == body["runs"][0]
     with pytest.raises(LookupError, match="999"):
         compare_json(db, [a, 999], ["loss"])
-
-
-def test_reads_are_fast(db: sqlite3.Connection) -> None:
-    """Generous bounds (a shared 2-core machine): the benchmark in bench/ measures the real numbers."""
-    runs = [add_run(db, f"r{i}") for i in range(10)]
-    rng = random.Random(3)
-    for run_id in runs:
-        add_steps(db, run_id, [rng.uniform(0.1, 3.0) for _ in range(20_000)])
-
-    def best(fn: object, repeat: int = 5) -> float:
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            fn()  # type: ignore[operator]
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    four = ["loss", "lr", "grad_norm", "update_norm"]
-    one = best(lambda: metrics_json(db, runs[0], ["loss"]))
-    every = best(lambda: [metrics_json(db, r, four) for r in runs], 3)
-    compare = best(lambda: compare_json(db, runs, four, max_points=1000), 3)
-    db.execute("DELETE FROM step_rollups")  # as after a writer that does not keep them: a scan
-    scanned = best(lambda: compare_json(db, runs, four, max_points=1000), 3)
-    print(
-        f"one 20k history {one * 1e3:.1f} ms; 4 keys x 10 runs {every * 1e3:.1f} ms; "
-        f"downsampled compare {compare * 1e3:.1f} ms ({scanned * 1e3:.1f} ms without rollups)"
-    )
-    assert one < 0.060
-    assert every < 1.0
-    assert compare < 0.150
-    assert scanned < 1.0
 
 
 # --- rollups ---------------------------------------------------------------------------------------------
