@@ -13,7 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.db import configure_sqlite
 from app.main import create_app
 from app.models import STEP_COLUMNS
 
@@ -24,14 +23,6 @@ TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic"}
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings, run_jobs=False)) as client:
         yield client
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(settings.db_path, isolation_level=None)
-    configure_sqlite(conn)
-    yield conn
-    conn.close()
 
 
 def finish(db: sqlite3.Connection, run_id: int, status: str = "completed") -> None:

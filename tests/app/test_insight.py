@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 
 from app.analysis import lr_range_suggestions, summarize_run
 from app.config import Settings
-from app.db import configure_sqlite
 from app.main import create_app
 from app.models import STEP_COLUMNS
 from app.pages import fmt_lr
@@ -32,14 +31,6 @@ RANGE_TEST |= {"sweep_lrs": [3e-5, 9.49e-5, 3e-4, 9.49e-4, 3e-3], "smoothing_wei
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings, run_jobs=False), follow_redirects=False) as client:
         yield client
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(settings.db_path, isolation_level=None)
-    configure_sqlite(conn)
-    yield conn
-    conn.close()
 
 
 def set_run(db: sqlite3.Connection, run_id: int, status: str, summary: dict[str, Any] | None = None) -> None:

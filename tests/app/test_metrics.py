@@ -8,13 +8,11 @@ import json
 import math
 import random
 import sqlite3
-from collections.abc import Iterator
 
 import pytest
 
 import app.metrics
 from app.config import Settings
-from app.db import configure_sqlite
 from app.metrics import (
     METRIC_KEYS,
     ROLLUP_BLOCKS,
@@ -32,14 +30,6 @@ from app.models import STEP_COLUMNS
 
 MARKS = ", ".join("?" * (len(STEP_COLUMNS) + 2))
 STEP_SQL = f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({MARKS})"
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(settings.db_path, isolation_level=None)
-    configure_sqlite(conn)
-    yield conn
-    conn.close()
 
 
 def add_run(db: sqlite3.Connection, name: str = "run", lr: float = 1e-3) -> int:
