@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from array import array
@@ -21,6 +22,7 @@ import torch
 from transformers import get_scheduler
 
 from app.analysis import RangeTestStop, lr_range_suggestions, summarize_run
+from app.models import RunStatus, utcnow
 from trainer.config import TrainConfig
 from trainer.data import Batch, eval_batches, load_examples, plan_steps, step_batches, tokenize
 from trainer.models import add_lora, count_params, load_base
@@ -30,7 +32,6 @@ log = logging.getLogger(__name__)
 
 FLUSH_STEPS = 32  # copy metrics to the host at least every this many steps ...
 FLUSH_SECONDS = 0.5  # ... or this often, so a killed job loses at most about a second of rows
-MAX_EVAL_EXAMPLES = 200
 
 
 @dataclass
@@ -115,7 +116,7 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
     model = add_lora(model, cfg).to(device)
     trainable, total = count_params(model)
     train_enc = [tokenize(e, tok, cfg.max_seq_len) for e in train_examples]
-    eval_enc = [tokenize(e, tok, cfg.max_seq_len) for e in eval_examples[:MAX_EVAL_EXAMPLES]]
+    eval_enc = [tokenize(e, tok, cfg.max_seq_len) for e in eval_examples]  # at most 200 (trainer.data.split_sizes)
     per_epoch, total_steps = plan_steps(
         len(train_enc), cfg.batch_size, cfg.grad_accum_steps, cfg.epochs, cfg.step_limit
     )
@@ -433,26 +434,18 @@ def train(
     cfg: TrainConfig, run_id: int, home: Path, recorder: Recorder, stop: StopFlag, progress: Any = None
 ) -> Outcome:
     """Set up, mark the run running, fit, save the adapter, and record how it ended."""
-    import os
-
-    from app.models import RunStatus, utcnow
-
     try:
         s = setup(cfg, home)
-    except Exception as exc:
-        recorder.update_run(status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}", finished_at=utcnow())
-        raise
-    recorder.update_run(status=RunStatus.running, started_at=utcnow(), pid=os.getpid(), **s.plan)
-    log.info(
-        "run %d: %d training examples, batch %d x %d accumulation -> %d updates per epoch, %d optimizer steps; "
-        "%d trainable of %d parameters on %s",
-        run_id, s.plan["n_train"], cfg.batch_size, cfg.grad_accum_steps, s.updates_per_epoch, s.total_steps,
-        s.plan["trainable_params"], s.plan["total_params"], s.device,
-    )  # fmt: skip
-    if progress is not None:
-        progress.reset(total=s.total_steps)
-    history = History()
-    try:
+        recorder.update_run(status=RunStatus.running, started_at=utcnow(), pid=os.getpid(), **s.plan)
+        log.info(
+            "run %d: %d training examples, batch %d x %d accumulation -> %d updates per epoch, %d optimizer steps; "
+            "%d trainable of %d parameters on %s",
+            run_id, s.plan["n_train"], cfg.batch_size, cfg.grad_accum_steps, s.updates_per_epoch, s.total_steps,
+            s.plan["trainable_params"], s.plan["total_params"], s.device,
+        )  # fmt: skip
+        if progress is not None:
+            progress.reset(total=s.total_steps)
+        history = History()
         outcome = fit(s, recorder, stop, progress, history)
         if outcome.status != "diverged":
             save_adapter(s, home / "runs" / str(run_id))
