@@ -1,4 +1,4 @@
-"""Alembic environment: migrations are generated from SQLModel.metadata (app.models)."""
+"""Alembic environment: migrations are generated from SQLModel.metadata (store.tables)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
-import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from app.config import get_settings
+import store.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+from store.settings import DataSettings
 
 config = context.config
 target_metadata = SQLModel.metadata
 
 
 def _url() -> str:
-    return config.get_main_option("sqlalchemy.url") or get_settings().database_url
+    return config.get_main_option("sqlalchemy.url") or DataSettings().database_url
 
 
 def run_migrations_offline() -> None:

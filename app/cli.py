@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from app.config import Settings
-from app.db import upgrade
+from store.db import upgrade
 
 GRACEFUL_SHUTDOWN_SECONDS = 3  # live event streams never end by themselves
 

@@ -1,13 +1,15 @@
-"""All settings in one place, read from the environment with the prefix STEPSCOPE_."""
+"""All the server's settings in one place, read from the environment with the prefix STEPSCOPE_.
+
+`Settings` extends the data settings the training engine reads too (`store.settings.DataSettings`:
+HOME and DATABASE_URL) with the server's own.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from functools import cached_property
-from pathlib import Path
 
-from pydantic import model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from store.settings import DataSettings
 
 
 def _is_loopback(host: str) -> bool:
@@ -19,13 +21,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STEPSCOPE_", extra="ignore")
-
-    home: Path = Path("~/.stepscope")
-    """Data directory: database, run folders, uploaded datasets, converted-model cache."""
-    database_url: str = ""
-    """SQLAlchemy URL of the SQLite database (default: HOME/stepscope.db)."""
+class Settings(DataSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     token: str = ""
@@ -36,13 +32,6 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = 15.0
     """Seconds a cancelled job gets to flush and save before it is killed."""
 
-    @model_validator(mode="after")
-    def _resolve(self) -> Settings:
-        self.home = self.home.expanduser().resolve()
-        if not self.database_url:
-            self.database_url = f"sqlite:///{self.home / 'stepscope.db'}"
-        return self
-
     @cached_property
     def is_public(self) -> bool:
         return not _is_loopback(self.host)
@@ -52,32 +41,7 @@ class Settings(BaseSettings):
         if self.is_public and not self.token:
             raise ValueError(f"STEPSCOPE_HOST={self.host} is not a loopback address: set STEPSCOPE_TOKEN too")
 
-    @property
-    def runs_dir(self) -> Path:
-        return self.home / "runs"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.home / "datasets"
-
-    @property
-    def model_cache_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def db_path(self) -> Path:
-        """Filesystem path of the SQLite database."""
-        from sqlalchemy.engine import make_url
-
-        database = make_url(self.database_url).database
-        if not database:
-            raise ValueError("STEPSCOPE_DATABASE_URL must name an SQLite file")
-        return Path(database)
-
 
 def get_settings() -> Settings:
     """Fresh settings from the current environment (tests change STEPSCOPE_HOME between cases)."""
     return Settings()
-
-
-settings = get_settings()

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.config import Settings
-from app.jobs import JobRunner
+from app.runner import JobRunner
 
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range: larger ids cannot exist (and would overflow the driver)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,15 +17,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings, get_settings
-from app.db import make_engine, upgrade
-from app.jobs import Conflict, JobRunner, NotFound
 from app.routers import datasets, health, lr_range, metrics, models, runs, sweeps
+from app.runner import JobRunner
+from app.services import Conflict, NotFound
+from store.db import make_engine, upgrade
+from trainer.catalog import ModelError
 from trainer.config import ConfigError
+from trainer.data import DataError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 MULTIPART_ALLOWANCE = 64 * 1024  # a request body may exceed the upload limit by the multipart framing
-# Errors of the trainer's loaders, by module: looked up lazily, because importing them imports torch.
-INPUT_ERRORS = {"trainer.models": ("ModelError", "model"), "trainer.data": ("DataError", "dataset")}
 
 DESCRIPTION = """
 Start LoRA fine-tuning runs and learning-rate sweeps, follow them live, and read every optimizer
@@ -47,9 +46,8 @@ async def _bad_input(request: Request, exc: Exception) -> JSONResponse:
     """Invalid input found past request validation (an unknown model or dataset, a bad file): 422."""
     if isinstance(exc, ConfigError):
         return _unprocessable(["body", *exc.field.split(".")], exc.reason)
-    for module_name, (class_name, field) in INPUT_ERRORS.items():
-        module = sys.modules.get(module_name)
-        if module is not None and isinstance(exc, getattr(module, class_name)):
+    for error, field in ((ModelError, "model"), (DataError, "dataset")):
+        if isinstance(exc, error):
             return _unprocessable(["body", field], str(exc), **{k: getattr(exc, k, None) for k in ("line", "field")})
     raise exc  # any other ValueError is a bug: a 500
 
@@ -87,12 +85,6 @@ def _plotly_js() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
 
 
-def _warm_up() -> None:
-    """Import the trainer's model and data modules (torch: seconds) now, not in the first POST /api/runs."""
-    import trainer.data
-    import trainer.models  # noqa: F401
-
-
 def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> FastAPI:
     """The stepscope app. `run_jobs=False` leaves queued runs queued (tests that must not train)."""
     settings = settings or get_settings()
@@ -104,7 +96,6 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
         await run_in_threadpool(upgrade, settings.database_url)
         if run_jobs:
             await run_in_threadpool(runner.start)
-        threading.Thread(target=_warm_up, name="stepscope-warm-up", daemon=True).start()
         try:
             yield
         finally:

@@ -71,9 +71,8 @@ def seed_runs(home: Path) -> list[int]:
     """Finished runs of 20,000 steps each, written by the trainer's Recorder before the server starts."""
     sys.path.insert(0, str(ROOT / "bench"))
     from store import make_workload, step_rows
-
-    from app.db import upgrade
-    from app.models import RunStatus
+    from store.db import upgrade
+    from store.tables import RunStatus
     from trainer.config import make_config
     from trainer.recorder import Recorder, new_run
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.db import upgrade  # noqa: E402
+from store.db import upgrade  # noqa: E402
 from trainer.config import make_config  # noqa: E402
 from trainer.loop import Setup, StopFlag, fit, forward_backward, setup  # noqa: E402
 from trainer.recorder import Recorder, new_run  # noqa: E402

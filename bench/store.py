@@ -247,7 +247,7 @@ def step_rows(data: np.ndarray, run: int) -> list[tuple[Any, ...]]:
 
 
 class Stepscope:
-    """Writes through the trainer's Recorder; reads through app.metrics and a real `stepscope serve`."""
+    """Writes through the trainer's Recorder; reads through store.metrics and a real `stepscope serve`."""
 
     def __init__(self, work: Path, data: np.ndarray) -> None:
         self.work, self.data = work, data
@@ -257,8 +257,8 @@ class Stepscope:
 
     def ingest(self, rep: int) -> list[float]:
         """A fresh database; the runs are inserted first (not timed), then every row through Recorder."""
-        from app.db import upgrade
-        from app.models import RunStatus
+        from store.db import upgrade
+        from store.tables import RunStatus
         from trainer.config import make_config
         from trainer.recorder import Recorder, new_run
 
@@ -284,7 +284,7 @@ class Stepscope:
     def open_reads(self) -> dict[str, float]:
         import sqlite3
 
-        from app.db import configure_sqlite
+        from store.db import configure_sqlite
 
         self.conn = sqlite3.connect(self.home / "stepscope.db", check_same_thread=False)
         configure_sqlite(self.conn)
@@ -296,7 +296,7 @@ class Stepscope:
         return ids, keys, MAX_POINTS if name.endswith("_ds") else None
 
     def read(self, name: str) -> Timed:
-        from app.metrics import compare_json, metrics_json, read_metrics
+        from store.metrics import compare_json, metrics_json, read_metrics
 
         if name in REST:
             return {"": timed(lambda: self._rest(name))}
@@ -652,7 +652,7 @@ def report(results: dict[str, dict[str, Any]], repeats: int) -> tuple[str, dict[
     fmt = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*row) for row in lines)]
     out.append("")
-    out.append(f"Times in ms, best of {repeats} (ingest in points/s). stepscope's reads go through app.metrics:")
+    out.append(f"Times in ms, best of {repeats} (ingest in points/s). stepscope's reads go through store.metrics:")
     out.append("  stepscope  metrics_json / compare_json: the JSON text the API sends (SQLite writes the arrays);")
     out.append("  (lists)    read_metrics per run: Python lists, like the peers' Python objects.")
     out += notes(results)
@@ -746,7 +746,7 @@ def main() -> None:
         return
 
     try:
-        import app.metrics  # noqa: F401
+        import store.metrics  # noqa: F401
     except ImportError:  # started with a python that lacks stepscope: use the project's environment
         venv = ROOT / ".venv" / "bin" / "python"
         os.execv(venv, [str(venv), *sys.argv])

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
-from app.db import upgrade  # noqa: E402
-from app.metrics import write_steps  # noqa: E402
+from store.db import upgrade  # noqa: E402
+from store.rollups import write_steps  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ui.txt"
 CHROMIUM = "/usr/bin/chromium"

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.config import get_settings
-from app.db import upgrade
+from store.db import upgrade
+from store.settings import DataSettings
 from trainer.config import ConfigError, TrainConfig, field_help, load_config_file, make_config
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 2, "cancelled": 3}
@@ -60,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values[name] = _cli_value(name, getattr(args, name))
     try:
         cfg = make_config(values)
-        check_sources(cfg, get_settings().datasets_dir)
+        check_sources(cfg, DataSettings().datasets_dir)
         return cfg
     except ConfigError as exc:
         name = exc.field.split(".")[0]
@@ -69,8 +69,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def check_sources(cfg: TrainConfig, datasets_dir: Path) -> None:
     """Refuse a model or dataset that cannot be loaded before a run is created for it."""
+    from trainer.catalog import ModelError, check_model
     from trainer.data import DataError, resolve_dataset
-    from trainer.models import ModelError, check_model
 
     try:
         check_model(cfg.model)
@@ -99,15 +99,15 @@ def stop_on_signals(stop: Any) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from trainer.catalog import ModelError
     from trainer.data import DataError
     from trainer.loop import StopFlag, train
-    from trainer.models import ModelError
     from trainer.recorder import Recorder, new_run, run_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    settings = get_settings()
+    settings = DataSettings()
     upgrade(settings.database_url)
     try:
         if hasattr(args, "run_id"):

@@ -114,6 +114,21 @@ class TrainConfig(BaseModel):
             return RANGE_TEST_STEPS
         return self.max_steps
 
+    def run_columns(self) -> dict[str, Any]:
+        """The `runs` table's columns that repeat this config (for filters and lists), with its JSON; an
+        unnamed run is named by its optimizer, rate and batch size, the same from the CLI and the API."""
+        name = self.name or f"{self.optimizer} lr={self.learning_rate:g} bs={self.batch_size}"
+        return {
+            "name": name,
+            "kind": self.kind,
+            "model": self.model,
+            "dataset": self.dataset,
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer,
+            "config": self.model_dump(mode="json"),
+        }
+
     # Cross-field checks sit on the later field, so the error names the field a user should change.
     @field_validator("momentum")
     @classmethod

@@ -1,7 +1,8 @@
-"""Datasets: built-in synthetic ones generated from the seed, or the user's JSONL/CSV files.
+"""Datasets: built-in synthetic ones generated from the seed, or the user's JSONL/CSV files; the step plan.
 
 An example is a dict in one of three shapes: `prompt`/`completion` (loss on the completion only),
-`text` (loss on every token) or chat `messages` (loss on the last assistant reply).
+`text` (loss on every token) or chat `messages` (loss on the last assistant reply). Nothing here
+imports torch, so the server checks datasets and plans runs without it (`trainer.batches` tokenises).
 """
 
 from __future__ import annotations
@@ -15,10 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 Example = dict[str, Any]
-IGNORE = -100  # label value that cross-entropy skips
 EVAL_FRACTION = 0.1  # of a user file, held out for eval loss
 MAX_EVAL = 200
 
@@ -194,64 +192,6 @@ def load_examples(spec: str, datasets_dir: Path, seed: int) -> tuple[list[Exampl
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-# --- tokenisation and batches -------------------------------------------------------------------------
-
-
-def _encode(tok: Any, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def tokenize(example: Example, tok: Any, max_seq_len: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with IGNORE on the tokens that carry no loss."""
-    if "messages" in example:
-        msgs = example["messages"]
-        full = list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
-        n_prompt = 0
-        if msgs[-1]["role"] == "assistant":
-            n_prompt = len(
-                tok.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True, return_dict=False)
-            )
-        ids, labels = full, [IGNORE] * n_prompt + full[n_prompt:]
-    elif "prompt" in example:
-        prompt = _encode(tok, example["prompt"])
-        answer = _encode(tok, example["completion"]) + [tok.eos_token_id]
-        ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
-    else:
-        ids = _encode(tok, example["text"]) + [tok.eos_token_id]
-        labels = list(ids)
-    return ids[:max_seq_len], labels[:max_seq_len]
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    n_samples: int
-    n_tokens: int  # real (unpadded) tokens, counted on the host so recording needs no device sync
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device, non_blocking=True),
-            self.attention_mask.to(device, non_blocking=True),
-            self.labels.to(device, non_blocking=True),
-            self.n_samples,
-            self.n_tokens,
-        )
-
-
-def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (x, y) in enumerate(encoded):
-        ids[row, : len(x)] = torch.tensor(x)
-        labels[row, : len(y)] = torch.tensor(y)
-        mask[row, : len(x)] = 1
-    return Batch(ids, mask, labels, len(encoded), sum(len(x) for x, _ in encoded))
-
-
 def plan_steps(
     n_train: int, batch_size: int, grad_accum_steps: int, epochs: float, max_steps: int | None
 ) -> tuple[int, int]:
@@ -259,24 +199,3 @@ def plan_steps(
     per_epoch = math.ceil(n_train / (batch_size * grad_accum_steps))
     total = max_steps if max_steps is not None else max(1, math.ceil(epochs * per_epoch))
     return per_epoch, total
-
-
-def step_batches(
-    encoded: list[tuple[list[int], list[int]]], batch_size: int, grad_accum_steps: int, pad_id: int, seed: int
-) -> Iterator[list[Batch]]:
-    """Yield, forever, the micro-batches of each optimizer step, reshuffling every epoch.
-
-    The last step of an epoch may hold fewer micro-batches (and the last micro-batch fewer samples),
-    so each epoch is exactly `updates_per_epoch` optimizer steps.
-    """
-    epoch = 0
-    while True:
-        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        micro = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for start in range(0, len(micro), grad_accum_steps):
-            yield [collate([encoded[i] for i in idx], pad_id) for idx in micro[start : start + grad_accum_steps]]
-        epoch += 1
-
-
-def eval_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[Batch]:
-    return [collate(encoded[i : i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]

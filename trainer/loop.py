@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from transformers import get_scheduler
 
-from app.analysis import RangeTestStop, lr_range_suggestions, summarize_run
-from app.models import RunStatus, utcnow
+from analysis.range_test import RangeTestStop, lr_range_suggestions
+from analysis.runs import summarize_run
+from store.tables import RunStatus, utcnow
+from trainer.batches import Batch, eval_batches, step_batches, tokenize
 from trainer.config import TrainConfig
-from trainer.data import Batch, eval_batches, load_examples, plan_steps, step_batches, tokenize
+from trainer.data import load_examples, plan_steps
 from trainer.models import add_lora, count_params, load_base
 from trainer.recorder import Recorder
 

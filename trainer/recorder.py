@@ -18,12 +18,12 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.db import configure_sqlite, make_engine
-from app.metrics import STEP_INSERT, write_steps
-from app.models import Run, RunStatus, sqlite_time
+from store.db import configure_sqlite, make_engine
+from store.rollups import STEP_INSERT, write_steps
+from store.tables import Run, RunStatus, sqlite_time
 from trainer.config import TrainConfig
 
-_STEP_SQL = STEP_INSERT  # queued step rows go through app.metrics.write_steps, which keeps their rollups too
+_STEP_SQL = STEP_INSERT  # queued step rows go through store.rollups.write_steps, which keeps their rollups too
 _EVAL_SQL = "INSERT OR REPLACE INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)"
 _RUN_COLUMNS = frozenset(Run.model_fields) - {"id"}
 _CLOSE = object()
@@ -34,7 +34,7 @@ def new_run(database_url: str, cfg: TrainConfig) -> int:
 
     It is `running` with this pid from the start, so a server's job runner never starts it a second time.
     """
-    run = Run.for_config(cfg, status=RunStatus.running, pid=os.getpid())
+    run = Run(**cfg.run_columns(), status=RunStatus.running, pid=os.getpid())
     engine = make_engine(database_url)
     try:
         with Session(engine) as session:

@@ -17,7 +17,7 @@ down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The metric columns and block sizes as of this revision (app.models.STEP_COLUMNS, app.metrics.ROLLUP_BLOCKS).
+# The metric columns and block sizes as of this revision (store.tables.STEP_COLUMNS, store.rollups.ROLLUP_BLOCKS).
 COLUMNS = ('epoch', 'samples', 'tokens', 'loss', 'lr', 'grad_norm', 'update_norm', 'param_norm', 'update_ratio',
            'step_scale', 'wall_time', 'step_time')
 BLOCK = 64  # steps per level-0 block
@@ -91,7 +91,7 @@ def upgrade() -> None:
 def backfill() -> None:
     """Rollups of the rows already recorded, in SQL: the extremes in one pass, then the first step holding each.
 
-    Ties go to the earliest step and a block without a value of a column gets NULLs, as app.metrics does.
+    Ties go to the earliest step and a block without a value of a column gets NULLs, as store.rollups does.
     """
     extremes = ', '.join(f'{c}_min, {c}_max' for c in COLUMNS)
     # level 0 from the rows

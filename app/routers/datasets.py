@@ -13,9 +13,10 @@ from sqlmodel import Session, col, select
 
 from app.config import Settings
 from app.deps import MAX_ID, SessionDep, SettingsDep
-from app.jobs import Conflict, NotFound
-from app.models import FINISHED, Dataset, DatasetPublic, Run
 from app.security import TokenDep
+from app.services import Conflict, NotFound
+from store.tables import FINISHED, Dataset, DatasetPublic, Run
+from trainer.data import BUILTIN_DATASETS, DataError, inspect_file
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"], dependencies=[TokenDep])
 
@@ -49,8 +50,6 @@ def save_dataset(session: Session, settings: Settings, filename: str, source: Bi
 
     Raises UploadTooLarge, or trainer.data.DataError naming the line and field (the file is deleted).
     """
-    from trainer.data import DataError, inspect_file
-
     original = FilePath(filename.replace("\\", "/")).name  # the client's name is a label, never a path
     suffix = FilePath(original).suffix.lower()
     if suffix not in UPLOAD_SUFFIXES:
@@ -100,8 +99,6 @@ def delete_dataset(session: Session, settings: Settings, dataset_id: int) -> Non
 
 @router.get("", response_model=DatasetsPublic)
 def list_datasets(session: SessionDep) -> DatasetsPublic:
-    from trainer.data import BUILTIN_DATASETS
-
     builtin = [
         BuiltinDatasetPublic(name=d.name, description=d.description, n_train=d.n_train, n_eval=d.n_eval)
         for d in BUILTIN_DATASETS.values()
@@ -118,8 +115,6 @@ def upload_dataset(
     name: Annotated[str, Form(max_length=200, description="Display name (default: the file's name)")] = "",
 ) -> Dataset:
     """Upload a dataset; every record is checked now (422 naming the line and field), size-limited (413)."""
-    from trainer.data import DataError
-
     try:
         return save_dataset(session, settings, file.filename or "", file.file, name)
     except UploadTooLarge as exc:

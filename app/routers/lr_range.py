@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from sqlmodel import Session
 
 from app.deps import RunId, SessionDep
-from app.jobs import Conflict, NotFound, create_run, create_sweep
-from app.models import Run, RunPublic, RunStatus, Sweep
 from app.routers.sweeps import SweepPublic, sweep_public
 from app.security import TokenDep
+from app.services import Conflict, NotFound, create_run, create_sweep
+from store.tables import Run, RunPublic, RunStatus, Sweep
 from trainer.config import RANGE_TEST_STEPS, ConfigError, TrainConfig, make_config
 
 router = APIRouter(prefix="/api/lr-range-tests", tags=["lr range tests"], dependencies=[TokenDep])

@@ -18,10 +18,10 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import MAX_ID, DbDep, EngineDep, RunId
-from app.jobs import NotFound
-from app.metrics import METRIC_KEYS, UnknownKeys, compare_json, iter_csv, metrics_json, new_rows, parse_keys
-from app.models import FINISHED, Run, RunPublic
 from app.security import TokenDep
+from app.services import NotFound
+from store.metrics import METRIC_KEYS, UnknownKeys, compare_json, iter_csv, metrics_json, new_rows, parse_keys
+from store.tables import FINISHED, Run, RunPublic
 
 router = APIRouter(prefix="/api", tags=["metrics"], dependencies=[TokenDep])
 

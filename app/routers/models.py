@@ -6,6 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from app.security import TokenDep
+from trainer.catalog import BUILTIN_MODELS
 
 router = APIRouter(prefix="/api/models", tags=["models"], dependencies=[TokenDep])
 
@@ -19,6 +20,4 @@ class ModelPublic(BaseModel):
 def list_models() -> list[ModelPublic]:
     """The built-in models. A run may also name a local Hugging Face model folder, or a hub id that is
     already in the local Hugging Face cache."""
-    from trainer.models import BUILTIN_MODELS  # imports torch: paid once, on first use
-
     return [ModelPublic(name=name, description=text) for name, text in BUILTIN_MODELS.items()]

@@ -10,29 +10,19 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, func
-from sqlmodel import SQLModel, col, select
+from sqlmodel import SQLModel, select
 
-from app.analysis import lr_range_suggestions, summarize_run
+from analysis.range_test import lr_range_suggestions
+from analysis.runs import summarize_run
 from app.deps import MAX_ID, DbDep, RunId, SessionDep, SettingsDep
-from app.jobs import NotFound, cancel_run, create_run, delete_run
-from app.metrics import read_metrics
-from app.models import FINISHED, Run, RunPublic, RunStatus
 from app.security import TokenDep
+from app.services import NotFound, cancel_run, create_run, delete_run, runs_filter
+from store.metrics import read_metrics
+from store.tables import FINISHED, Run, RunPublic, RunStatus
 from trainer.config import TrainConfig
 
 router = APIRouter(prefix="/api/runs", tags=["runs"], dependencies=[TokenDep])
 
-SORTS = {
-    "id": col(Run.id),
-    "created_at": col(Run.created_at),
-    "name": col(Run.name),
-    "status": col(Run.status),
-    "learning_rate": col(Run.learning_rate),
-    "steps_done": col(Run.steps_done),
-    "last_loss": col(Run.last_loss),
-    "best_loss": col(Run.best_loss),
-    "last_eval_loss": col(Run.last_eval_loss),
-}
 Sort = Literal[
     "id", "-id", "created_at", "-created_at", "name", "-name", "status", "-status", "learning_rate",
     "-learning_rate", "steps_done", "-steps_done", "last_loss", "-last_loss", "best_loss", "-best_loss",
@@ -47,7 +37,7 @@ class RunsPublic(SQLModel):
 
 
 class RangeTestSuggestions(BaseModel):
-    """An lr range test's suggested rates (`app.analysis.lr_range_suggestions`); indices count recorded steps from 0."""
+    """An lr range test's suggested rates (`analysis.range_test.lr_range_suggestions`); indices count recorded steps from 0."""
 
     model_config = ConfigDict(extra="allow")
     suggested_lr: float | None = Field(None, description="The valley rule's rate (else the steepest rule's)")
@@ -64,7 +54,7 @@ class RangeTestSuggestions(BaseModel):
 
 
 class RunSummary(BaseModel):
-    """A run's scores and learning-rate verdict (`app.analysis.summarize_run`); the key scores are listed,
+    """A run's scores and learning-rate verdict (`analysis.runs.summarize_run`); the key scores are listed,
     the rest (rise_fraction, spike_steps, trend_*, ...) come along as further members."""
 
     model_config = ConfigDict(extra="allow")
@@ -123,15 +113,7 @@ def _filtered(
     status: list[RunStatus] | None, sweep_id: int | None, name: str | None, sort: str
 ) -> tuple[list[ColumnElement[bool]], list[Any]]:
     """The WHERE conditions and ORDER BY terms of the list's (and the CSV's) query parameters."""
-    filters: list[ColumnElement[bool]] = []
-    if status:
-        filters.append(col(Run.status).in_(status))
-    if sweep_id is not None:
-        filters.append(col(Run.sweep_id) == sweep_id)
-    if name:
-        filters.append(col(Run.name).contains(name, autoescape=True))
-    key = SORTS[sort.removeprefix("-")]
-    return filters, [key.desc() if sort.startswith("-") else key.asc(), col(Run.id).desc()]
+    return runs_filter(status, sweep_id, name, sort.removeprefix("-"), descending=sort.startswith("-"))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)

@@ -10,12 +10,12 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
 
-from app.analysis import summarize_sweep
+from analysis.sweeps import summarize_sweep
 from app.deps import MAX_ID, DbDep, SessionDep
-from app.jobs import MAX_SWEEP_RUNS, NotFound, cancel_sweep, create_sweep, log_spaced, sweep_runs
-from app.models import RunPublic, RunStatus, Sweep, SweepBase
 from app.routers.runs import run_summary
 from app.security import TokenDep
+from app.services import MAX_SWEEP_RUNS, NotFound, cancel_sweep, create_sweep, log_spaced, sweep_runs
+from store.tables import RunPublic, RunStatus, Sweep, SweepBase
 from trainer.config import TrainConfig
 
 router = APIRouter(prefix="/api/sweeps", tags=["sweeps"], dependencies=[TokenDep])
@@ -89,7 +89,7 @@ class RankedRun(BaseModel):
 
 
 class SweepSummary(BaseModel):
-    """The sweep's runs ranked, and the learning rate to use (`app.analysis.summarize_sweep`)."""
+    """The sweep's runs ranked, and the learning rate to use (`analysis.sweeps.summarize_sweep`)."""
 
     sweep_id: int
     live: bool = Field(description="True while some runs are going: their scores are computed from their steps so far")

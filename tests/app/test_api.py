@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.models import STEP_COLUMNS
+from store.tables import STEP_COLUMNS
+from tests.conftest import add_steps
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic"}
 
@@ -27,16 +28,6 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 def finish(db: sqlite3.Connection, run_id: int, status: str = "completed") -> None:
     db.execute("UPDATE runs SET status = ?, finished_at = '2026-01-01 00:00:00.000000' WHERE id = ?", (status, run_id))
-
-
-def add_steps(db: sqlite3.Connection, run_id: int, losses: list[float]) -> None:
-    marks = ", ".join("?" * (len(STEP_COLUMNS) + 2))
-    sql = f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({marks})"
-    rows = [
-        (run_id, i, i / 10, i * 8, i * 100, v, 2e-4, 1.0, 0.01, 5.0, 0.002, 1.0, i * 0.1, 0.1)
-        for i, v in enumerate(losses, 1)
-    ]
-    db.executemany(sql, rows)
 
 
 def errors(response: object) -> dict[str, str]:
@@ -156,8 +147,8 @@ def test_delete_only_finished_runs_with_their_rows_and_files(
 ) -> None:
     keep = client.post("/api/runs", json=TINY).json()["id"]
     run_id = client.post("/api/runs", json=TINY).json()["id"]
-    add_steps(db, run_id, [2.0, 1.5, 1.2])
-    add_steps(db, keep, [3.0])
+    add_steps(db, run_id, [2.0, 1.5, 1.2], lrs=2e-4)
+    add_steps(db, keep, [3.0], lrs=2e-4)
     db.execute("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, 3, 1.1, 0.3)", (run_id,))
     folder = settings.runs_dir / str(run_id)
     (folder / "adapter").mkdir(parents=True)
@@ -287,8 +278,8 @@ def test_models_and_health(client: TestClient) -> None:
 def test_metrics_json_csv_compare_and_events(client: TestClient, db: sqlite3.Connection) -> None:
     a = client.post("/api/runs", json={**TINY, "name": "a", "learning_rate": 1e-3}).json()["id"]
     b = client.post("/api/runs", json={**TINY, "name": "b", "learning_rate": 1e-2}).json()["id"]
-    add_steps(db, a, [3.0, 2.0, 1.0, 0.5])
-    add_steps(db, b, [3.0, 9.0])
+    add_steps(db, a, [3.0, 2.0, 1.0, 0.5], lrs=2e-4)
+    add_steps(db, b, [3.0, 9.0], lrs=2e-4)
     db.execute("INSERT INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, 2, 2.2, 0.2)", (a,))
 
     body = client.get(f"/api/runs/{a}/metrics?keys=loss,lr,eval_loss").json()
@@ -303,7 +294,7 @@ def test_metrics_json_csv_compare_and_events(client: TestClient, db: sqlite3.Con
     enough = client.get(f"/api/runs/{a}/metrics?keys=loss&max_points=4").json()
     assert enough["downsampled"] is False and enough["steps"] == [1, 2, 3, 4]
     spiky = client.post("/api/runs", json=TINY).json()["id"]
-    add_steps(db, spiky, [1.0] * 500 + [40.0] + [1.0] * 499)
+    add_steps(db, spiky, [1.0] * 500 + [40.0] + [1.0] * 499, lrs=2e-4)
     small = client.get(f"/api/runs/{spiky}/metrics?keys=loss&max_points=50").json()
     assert small["downsampled"] is True and len(small["steps"]) <= 50 and 501 in small["steps"]
     assert max(small["series"]["loss"]) == 40.0

@@ -16,11 +16,12 @@ import pytest
 from bs4 import BeautifulSoup
 from fastapi.testclient import TestClient
 
-from app.analysis import lr_range_suggestions, summarize_run
+from analysis.range_test import lr_range_suggestions
+from analysis.runs import summarize_run
 from app.config import Settings
 from app.main import create_app
-from app.models import STEP_COLUMNS
-from app.pages import fmt_lr
+from app.pages.render import fmt_lr
+from tests.conftest import add_steps
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic"}
 RANGE_TEST = {"suggested_lr": 3e-4, "valley_lr": 3e-4, "steepest_lr": 1e-3, "min_loss_lr": 1e-2, "stop_index": 80}
@@ -40,17 +41,6 @@ def set_run(db: sqlite3.Connection, run_id: int, status: str, summary: dict[str,
         "UPDATE runs SET status = ?, summary = ?, verdict = ? WHERE id = ?",
         (status, json.dumps(summary) if summary else None, verdict, run_id),
     )
-
-
-def add_steps(db: sqlite3.Connection, run_id: int, losses: list[float | None], lrs: list[float] | None = None) -> None:
-    lrs = lrs or [1e-3] * len(losses)
-    marks = ", ".join("?" * (len(STEP_COLUMNS) + 2))
-    sql = f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({marks})"
-    rows = [
-        (run_id, i, i / 10, i * 8, i * 100, loss, lr, 2.0, 2 * lr, 3.0, 1e-3, 1.0, i * 0.1, 0.1)
-        for i, (loss, lr) in enumerate(zip(losses, lrs, strict=True), 1)
-    ]
-    db.executemany(sql, rows)
 
 
 def decaying(n: int, start: float = 3.0, end: float = 1.0) -> list[float]:

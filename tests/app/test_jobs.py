@@ -7,7 +7,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,12 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.config import Settings
-from app.db import make_engine
-from app.jobs import JobRunner, cancel_run, create_run
 from app.main import create_app
-from app.models import Run, RunStatus
+from app.runner import JobRunner
+from app.services import cancel_run, create_run
+from store.db import make_engine
+from store.tables import Run, RunStatus
+from tests.conftest import wait_for
 from trainer.config import TrainConfig
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic", "eval_every": 20}
@@ -45,16 +46,6 @@ if mode == "complete":
 else:
     time.sleep(120)
 """
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def count_rows(settings: Settings, table: str, run_id: int) -> int:
@@ -217,7 +208,7 @@ def test_queued_runs_start_oldest_first_on_free_gpus(
     fake: tuple[Engine, Callable[..., JobRunner]], monkeypatch: pytest.MonkeyPatch, settings: Settings
 ) -> None:
     engine, make = fake
-    monkeypatch.setattr("app.jobs.detect_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr("app.runner.gpus.detect_gpus", lambda: ["0", "1"])
     ids = [add_run(engine) for _ in range(3)]
     runner = make("sleep")  # max_concurrent_runs=0: one job per GPU
     runner.start()

@@ -14,8 +14,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from app.config import Settings
-from app.db import make_engine
-from app.models import Dataset, Run, RunStatus, Sweep
+from store.db import make_engine
+from store.tables import Dataset, Run, RunStatus, Sweep
 from trainer.config import field_help
 
 XSS = "<script>alert(1)</script>"
@@ -529,8 +529,8 @@ def test_sweep_page_marks_the_recommended_run_and_shows_every_score(client: Test
 
 
 def test_with_a_token_pages_need_a_sign_in(home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.db import upgrade
     from app.main import create_app
+    from store.db import upgrade
 
     monkeypatch.setenv("STEPSCOPE_TOKEN", "s3cret")
     settings = Settings()

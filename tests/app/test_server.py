@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,31 +20,17 @@ import pytest
 import uvicorn
 
 from app.config import Settings
-from app.db import configure_sqlite
 from app.main import create_app
-from app.models import STEP_COLUMNS
+from store.db import configure_sqlite
+from store.tables import STEP_COLUMNS
+from tests import conftest
+from tests.conftest import free_port
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic", "eval_every": 0}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 90.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except httpx.TransportError:
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+# A server that is starting or restarting refuses connections: that counts as not yet.
+wait_for = functools.partial(conftest.wait_for, retry_on=(httpx.TransportError,))
 
 
 def process_alive(pid: int) -> bool:

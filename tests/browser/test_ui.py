@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from app.models import STEP_COLUMNS
+from store.tables import STEP_COLUMNS
 
 if TYPE_CHECKING:
     from tests.browser.conftest import Page, Server
@@ -199,7 +199,7 @@ def test_upload_a_dataset_from_the_form(page: Page, tmp_path: Any) -> None:
 
 
 def test_smoothing_matches_the_analysis(page: Page) -> None:
-    from app.analysis import ema_smooth
+    from analysis.smoothing import ema_smooth
 
     values = [4.0, 3.5, None, 3.9, 2.0, 2.5, 1.0, 1.2, 0.9]
     page.goto("/runs/new")

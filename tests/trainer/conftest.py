@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.models import STEP_COLUMNS
+from store.tables import STEP_COLUMNS
 from trainer.cli import main
 
 TINY = ["--model", "tiny-random-llama", "--dataset", "synthetic-arithmetic"]

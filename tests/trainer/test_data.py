@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import (
-    BUILTIN_DATASETS,
-    IGNORE,
-    DataError,
-    inspect_file,
-    load_examples,
-    plan_steps,
-    tokenize,
-)
+from trainer.batches import IGNORE, tokenize
+from trainer.data import BUILTIN_DATASETS, DataError, inspect_file, load_examples, plan_steps
 from trainer.models import tiny_tokenizer
 
 

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from app.analysis import summarize_sweep
+from analysis.sweeps import summarize_sweep
 from tests.trainer.conftest import train
 
 RATES = {1e-3: {"too_low"}, 1e-1: {"ok"}, 3.0: {"too_high", "diverged"}}

@@ -1,13 +1,12 @@
-"""Engine, sessions and schema upgrades for the SQLite database."""
+"""The SQLite engine with its pragmas, and schema upgrades (Alembic) of the recorded data."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Engine, event
-from sqlmodel import Session, create_engine
+from sqlmodel import create_engine
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 BUSY_TIMEOUT_MS = 30_000
@@ -43,8 +42,3 @@ def upgrade(database_url: str) -> None:
     cfg.set_main_option("script_location", str(ALEMBIC_DIR))
     cfg.set_main_option("sqlalchemy.url", database_url)
     command.upgrade(cfg, "head")
-
-
-def session_scope(engine: Engine) -> Iterator[Session]:
-    with Session(engine) as session:
-        yield session

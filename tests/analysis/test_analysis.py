@@ -10,20 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.analysis import (
-    DIVERGED_LOSS_FACTOR,
-    SPIKE_MIN_HISTORY,
-    DebiasedEma,
-    RangeTestStop,
-    _valley_index,
-    ema_smooth,
-    exponential_lr,
-    lr_range_suggestions,
-    spike_steps,
-    summarize_run,
-    summarize_sweep,
-    sweep_lrs,
-)
+from analysis.range_test import RangeTestStop, _valley_index, lr_range_suggestions, sweep_lrs
+from analysis.runs import DIVERGED_LOSS_FACTOR, SPIKE_MIN_HISTORY, spike_steps, summarize_run
+from analysis.smoothing import DebiasedEma, ema_smooth
+from analysis.sweeps import summarize_sweep
 
 N = 1000
 STEPS = list(range(N))
@@ -409,15 +399,6 @@ def test_range_test_stop_rule() -> None:
     assert [stop.update(v) for v in [3.0, 1.0, 2.0, 3.9]] == [False, False, False, False]
     assert stop.update(4.1) is True
     assert RangeTestStop().update(None) is True
-
-
-def test_exponential_lr_schedule() -> None:
-    assert exponential_lr(0, 101, 1e-7, 1.0) == pytest.approx(1e-7)
-    assert exponential_lr(100, 101, 1e-7, 1.0) == pytest.approx(1.0)
-    assert exponential_lr(50, 101, 1e-7, 1e-1) == pytest.approx(1e-4)  # geometric midpoint
-    assert exponential_lr(0, 1, 1e-3, 1e-2) == 1e-3
-    with pytest.raises(ValueError):
-        exponential_lr(0, 10, 0.0, 1.0)
 
 
 def test_sweep_lrs_are_log_spaced_around_the_center() -> None:

@@ -1,4 +1,4 @@
-"""Metric reads (app.metrics): exact series, spike-keeping downsampling, rollups, eval merge, CSV, speed."""
+"""Metric reads (store.metrics): exact series, spike-keeping downsampling, rollups, eval merge, CSV, speed."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import sqlite3
 
 import pytest
 
-import app.metrics
+import store.metrics
+import store.rollups
 from app.config import Settings
-from app.metrics import (
+from store.metrics import (
     METRIC_KEYS,
     ROLLUP_BLOCKS,
     UnknownKeys,
@@ -23,10 +24,10 @@ from app.metrics import (
     new_rows,
     parse_keys,
     read_metrics,
-    refresh_rollups,
-    write_steps,
 )
-from app.models import STEP_COLUMNS
+from store.rollups import refresh_rollups, write_steps
+from store.tables import STEP_COLUMNS
+from tests.conftest import add_steps, step_row
 
 MARKS = ", ".join("?" * (len(STEP_COLUMNS) + 2))
 STEP_SQL = f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({MARKS})"
@@ -41,24 +42,6 @@ def add_run(db: sqlite3.Connection, name: str = "run", lr: float = 1e-3) -> int:
     run_id = db.execute(sql, (name, lr)).lastrowid
     assert run_id is not None
     return run_id
-
-
-def step_row(run_id: int, step: int, loss: float | None) -> tuple[object, ...]:
-    # epoch, samples, tokens, loss, lr, grad_norm, update_norm, param_norm, update_ratio, step_scale, wall, step_time
-    return (run_id, step, step / 100, step * 8, step * 100, loss, 1e-3, 0.5, 0.01, 4.0, 0.0025, 1.0, step * 0.05, 0.05)
-
-
-def add_steps(
-    db: sqlite3.Connection, run_id: int, losses: list[float | None], first: int = 1, rollups: bool = True
-) -> None:
-    """Step rows as the recorder writes them, with their rollups (or, if not `rollups`, by a plain INSERT)."""
-    rows = [step_row(run_id, first + i, v) for i, v in enumerate(losses)]
-    db.execute("BEGIN")
-    if rollups:
-        write_steps(db, run_id, rows)
-    else:
-        db.executemany(STEP_SQL, rows)
-    db.execute("COMMIT")
 
 
 def test_parse_keys_validates_against_the_step_columns_and_eval_loss() -> None:
@@ -261,13 +244,13 @@ def stored_rollups(db: sqlite3.Connection, run_id: int) -> list[tuple[object, ..
 def rollup_reads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each downsampled read that could use rollups found them matching the rows."""
     seen: list[bool] = []
-    check = app.metrics._rollups_match
+    check = store.metrics._rollups_match
 
     def spy(*args: object) -> bool:
         seen.append(check(*args))  # type: ignore[arg-type]
         return seen[-1]
 
-    monkeypatch.setattr(app.metrics, "_rollups_match", spy)
+    monkeypatch.setattr(store.metrics, "_rollups_match", spy)
     return seen
 
 
@@ -409,8 +392,8 @@ def stored_steps(db: sqlite3.Connection, run_id: int) -> list[int]:
 def test_deleting_a_run_deletes_its_rollups(settings: Settings, db: sqlite3.Connection) -> None:
     from sqlmodel import Session
 
-    from app.db import make_engine
-    from app.jobs import delete_run
+    from app.services import delete_run
+    from store.db import make_engine
 
     run_id, keep = add_run(db), add_run(db, "keep")
     add_steps(db, run_id, [1.0] * 100)

@@ -1,4 +1,4 @@
-"""Database tables (SQLModel) and the API's model families.
+"""The recorded data's tables (SQLModel) and their model families (`RunBase` -> `Run`, `RunPublic`).
 
 The trainer writes `runs`, `step_metrics` and `eval_metrics` rows from its own process; the server
 reads them. Every change here needs an Alembic revision (a test checks that none is missing).
@@ -12,8 +12,6 @@ from typing import Any
 
 from sqlalchemy import JSON, Column, Float, ForeignKey, Integer, Table
 from sqlmodel import Field, SQLModel
-
-from trainer.config import TrainConfig
 
 
 def utcnow() -> datetime:
@@ -107,25 +105,6 @@ class Run(RunBase, table=True):
     summary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     verdict: str | None = None
 
-    @classmethod
-    def for_config(cls, config: TrainConfig, **fields: Any) -> Run:
-        """A run of `config` with its denormalised columns; the CLI and the API name unnamed runs alike."""
-        fields["name"] = (
-            fields.get("name")
-            or config.name
-            or (f"{config.optimizer} lr={config.learning_rate:g} bs={config.batch_size}")
-        )
-        return cls(
-            kind=config.kind,
-            model=config.model,
-            dataset=config.dataset,
-            learning_rate=config.learning_rate,
-            batch_size=config.batch_size,
-            optimizer=config.optimizer,
-            config=config.model_dump(mode="json"),
-            **fields,
-        )
-
 
 class RunPublic(RunBase):
     id: int
@@ -190,9 +169,9 @@ step_rollups = Table(
     ),
     sqlite_with_rowid=False,
 )
-"""Each block of consecutive steps of a run summed up for downsampled reads (app.metrics keeps it current).
+"""Each block of consecutive steps of a run summed up for downsampled reads (store.rollups keeps it current).
 
-Block `b` of level `l` holds steps `b * size .. (b + 1) * size - 1` (sizes in app.metrics.ROLLUP_BLOCKS).
+Block `b` of level `l` holds steps `b * size .. (b + 1) * size - 1` (sizes in store.rollups.ROLLUP_BLOCKS).
 A plain table, not a SQLModel class: its 53 columns are generated and no row is ever built as an object.
 """
 

@@ -14,12 +14,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-import app.models  # noqa: F401  (registers the tables)
+import store.tables  # noqa: F401  (registers the tables)
 from alembic import command
 from app.config import Settings
-from app.db import ALEMBIC_DIR, upgrade
-from app.metrics import refresh_rollups
-from app.models import STEP_COLUMNS, StepMetric
+from store.db import ALEMBIC_DIR, upgrade
+from store.rollups import refresh_rollups
+from store.tables import STEP_COLUMNS, StepMetric
 
 
 def test_autogenerate_finds_no_difference_between_models_and_migrations(settings: Settings) -> None:
@@ -58,7 +58,7 @@ def test_stepscope_db_upgrade_creates_the_database(home: Path, capsys: pytest.Ca
 
 
 def test_upgrade_backfills_the_rollups_of_recorded_steps(home: Path) -> None:
-    """Revision 0003 sums up the rows already there in SQL: the same rollups as app.metrics writes."""
+    """Revision 0003 sums up the rows already there in SQL: the same rollups as store.rollups writes."""
     settings = Settings()
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))

@@ -1,8 +1,8 @@
-"""Learning-rate insight: per-run scores and a verdict, sweep ranking, and LR range-test suggestions.
+"""Per-run scores and a verdict on the run's learning rate.
 
 Everything here is a pure function of plain lists (no numpy, database or web code), so the trainer,
-the API and the tests share one implementation. The loops are O(n) (medians and the valley search
-are O(n log n)), which keeps a 20,000-step run far below a second.
+the API and the tests share one implementation. The loops are O(n) (medians are O(n log n)), which
+keeps a 20,000-step run far below a second.
 
 A value may be None: SQLite stores a NaN as NULL, so a None loss is treated as missing, and only a
 loss that is still NaN or infinite (or the run's `diverged` status) proves divergence. Every result is
@@ -11,17 +11,12 @@ JSON-serialisable: scores that do not exist (or are not finite) are None.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# --- Smoothing ----------------------------------------------------------------------------------
-# Debiased-EMA weight. 0.6 is TensorBoard's default. Its window is 1/(1-w) = 2.5 steps and it lags a
-# trend by w/(1-w) = 1.5 steps, so the final loss stays honest even on a 50-step run (0.9 or 0.99
-# would lag 9 or 99 steps, more than a short run has to spare).
-SMOOTHING_WEIGHT = 0.6
+from analysis.smoothing import SMOOTHING_WEIGHT, ema_smooth
 
 # --- Spikes -------------------------------------------------------------------------------------
 # A value above mean + 6 std of the previous 128 steps: the issue's rule, a common stability monitor.
@@ -69,86 +64,7 @@ SLOW_NET_DECREASE = 0.15
 # Diverged: the smoothed loss ended above 4x its best, the factor at which fastai's LR finder stops.
 DIVERGED_LOSS_FACTOR = 4.0
 
-# --- LR range test ------------------------------------------------------------------------------
-# fastai smooths with 0.98 over a 100-iteration test, a lag of ~49 iterations (4 decades of lr when
-# 100 steps span 8); 0.9 lags ~9 iterations.
-RANGE_TEST_SMOOTHING = 0.9
-# fastai's LRFinder stops once the smoothed loss exceeds 4x its best (`stop_div`).
-RANGE_TEST_STOP_FACTOR = 4.0
-# fastai's lr_find drops the first num_it // 10 points before suggesting: the EMA has barely
-# started averaging there.
-RANGE_TEST_SKIP_START_FRACTION = 0.1
-
 VERDICTS = ("ok", "too_low", "too_high", "diverged")
-
-
-class DebiasedEma:
-    """TensorBoard's debiased EMA, one value at a time (the trainer's range test uses it to stop)."""
-
-    def __init__(self, weight: float = SMOOTHING_WEIGHT) -> None:
-        if not 0 <= weight < 1:
-            raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
-        self.weight = weight
-        self.last = 0.0
-        self.count = 0
-
-    def update(self, value: float | None) -> float:
-        """Fold in one value and return the smoothed value; a non-finite one passes through unchanged."""
-        v = math.nan if value is None else float(value)
-        if not math.isfinite(v):
-            return v
-        self.last = self.last * self.weight + (1 - self.weight) * v
-        self.count += 1
-        return self.last / (1 - self.weight**self.count)
-
-
-def ema_smooth(values: Sequence[float | None], weight: float = SMOOTHING_WEIGHT) -> list[float]:
-    """Smooth a series exactly as TensorBoard does (its "classic" smoothing); None becomes NaN.
-
-    The dashboard's JavaScript replicates this line for line:
-
-        if (every value === values[0]) return values;       // constant: returned as is
-        let last = 0, count = 0;
-        for each v:
-            if (!Number.isFinite(v)) { out = v; continue; } // NaN/inf/null pass through
-            last = last * w + (1 - w) * v;                  // the state skips non-finite values
-            count += 1;
-            out = last / (1 - w ** count);                  // debias: starting at 0 is no bias
-
-    The default weight, 0.6, is TensorBoard's and suits short runs (see `SMOOTHING_WEIGHT`).
-    """
-    vals = [math.nan if v is None else float(v) for v in values]
-    ema = DebiasedEma(weight)
-    if vals and all(v == vals[0] for v in vals):
-        return vals
-    return [ema.update(v) for v in vals]
-
-
-def exponential_lr(step: int, num_steps: int, min_lr: float, max_lr: float) -> float:
-    """The range test's schedule: min_lr at step 0, max_lr at step num_steps - 1, geometric between."""
-    if not 0 < min_lr <= max_lr:
-        raise ValueError(f"need 0 < min_lr <= max_lr, got {min_lr} and {max_lr}")
-    if num_steps <= 1:
-        return min_lr
-    return min_lr * (max_lr / min_lr) ** (step / (num_steps - 1))
-
-
-class RangeTestStop:
-    """The range test's stop rule: smoothed loss above 4x its best so far, or a non-finite loss."""
-
-    def __init__(self, weight: float = RANGE_TEST_SMOOTHING, factor: float = RANGE_TEST_STOP_FACTOR) -> None:
-        self.ema = DebiasedEma(weight)
-        self.factor = factor
-        self.best = math.inf
-        self.smoothed = math.nan
-
-    def update(self, loss: float | None) -> bool:
-        """Fold in one step's loss; True means stop here."""
-        self.smoothed = self.ema.update(loss)
-        if not math.isfinite(self.smoothed):
-            return True
-        self.best = min(self.best, self.smoothed)
-        return self.smoothed > self.factor * self.best
 
 
 # --- Per-run scores ---------------------------------------------------------------------------------
@@ -483,205 +399,3 @@ def _ok_reason(s: dict[str, Any]) -> str:
     if late is not None and late >= SLOW_LAST_QUARTER_DROP:
         parts.append(f", though {late:.0%} of the decrease came in the last quarter, so more steps may help")
     return "".join(parts) + "."
-
-
-# --- Sweeps ---------------------------------------------------------------------------------------------
-
-# Only a run that finished normally has a final loss comparable with its siblings'.
-RECOMMENDABLE_STATUSES = (None, "completed")
-
-
-def summarize_sweep(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Rank a sweep's runs by smoothed final loss and recommend a learning rate.
-
-    Each run is a mapping with `id`, `learning_rate`, `status` and `summary` (`summarize_run`'s
-    result, or None). Runs without a final loss, and diverged ones, rank last. The recommendation is
-    the lowest final loss among completed runs whose verdict is `ok` or `too_low`; `ok_range` spans the
-    rates of the completed `ok` runs.
-    """
-    entries = []
-    for run in runs:
-        summary = run.get("summary") or {}
-        entries.append(
-            {
-                "id": run["id"],
-                "learning_rate": run["learning_rate"],
-                "status": run.get("status"),
-                "final_loss": summary.get("final_loss"),
-                "verdict": summary.get("verdict"),
-            }
-        )
-    entries.sort(key=_rank_key)
-    for rank, entry in enumerate(entries, 1):
-        entry["rank"] = rank
-    eligible = [e for e in entries if _recommendable(e)]
-    ok_lrs = [e["learning_rate"] for e in eligible if e["verdict"] == "ok"]
-    best = eligible[0] if eligible else None
-    result: dict[str, Any] = {
-        "ranking": entries,
-        "recommended_lr": best["learning_rate"] if best else None,
-        "recommended_run_id": best["id"] if best else None,
-        "ok_range": [min(ok_lrs), max(ok_lrs)] if ok_lrs else None,
-        "edge": _edge(best, entries),
-    }
-    result["sentence"] = _sweep_sentence(result, entries, len(eligible))
-    return result
-
-
-def _rank_key(entry: dict[str, Any]) -> tuple[int, float, float]:
-    loss = entry["final_loss"]
-    unranked = loss is None or entry["verdict"] == "diverged" or entry["status"] == "diverged"
-    return (1 if unranked else 0, math.inf if loss is None else loss, entry["learning_rate"])
-
-
-def _recommendable(entry: dict[str, Any]) -> bool:
-    return (
-        entry["final_loss"] is not None
-        and entry["verdict"] in ("ok", "too_low")
-        and entry["status"] in RECOMMENDABLE_STATUSES
-    )
-
-
-def _edge(best: dict[str, Any] | None, entries: list[dict[str, Any]]) -> str | None:
-    """Return "high" or "low" when the recommended rate is the highest or lowest one the sweep tried."""
-    lrs = {e["learning_rate"] for e in entries}
-    if best is None or len(lrs) < 2:
-        return None
-    if best["learning_rate"] == max(lrs):
-        return "high"
-    return "low" if best["learning_rate"] == min(lrs) else None
-
-
-def _sweep_sentence(result: dict[str, Any], entries: list[dict[str, Any]], n_eligible: int) -> str:
-    if result["recommended_lr"] is None:
-        judged = [e for e in entries if e["verdict"] is not None]
-        if judged and all(e["verdict"] in ("too_high", "diverged") for e in judged):
-            lowest = min(e["learning_rate"] for e in judged)
-            return (
-                f"No rate can be recommended: all {len(judged)} judged runs overshot or diverged, "
-                f"so try rates below {lowest:.3g}."
-            )
-        return "No rate can be recommended yet: no completed run finished without overshooting or diverging."
-    best = entries[[e["id"] for e in entries].index(result["recommended_run_id"])]
-    text = (
-        f"Recommended learning rate {best['learning_rate']:.3g} (run {best['id']}): the lowest smoothed final loss, "
-        f"{best['final_loss']:.4g}, among {n_eligible} completed runs that neither overshot nor diverged"
-    )
-    if result["ok_range"]:
-        low, high = result["ok_range"]
-        text += f"; rates {low:.3g} to {high:.3g} were ok" if low != high else f"; only {low:.3g} was ok"
-    if result["edge"] == "high":
-        text += "; it is the highest rate tried, so a higher one may do better"
-    elif result["edge"] == "low":
-        text += "; it is the lowest rate tried, so a lower one may do better"
-    return text + "."
-
-
-# --- LR range test --------------------------------------------------------------------------------------
-
-
-def lr_range_suggestions(
-    lrs: Sequence[float],
-    losses: Sequence[float | None],
-    weight: float = RANGE_TEST_SMOOTHING,
-    skip_start: int | None = None,
-) -> dict[str, Any]:
-    """Suggested learning rates from an LR range test (lrs growing, one loss per step).
-
-    The losses are smoothed with the debiased EMA and cut at `stop_index`, the first step where the
-    range test's stop rule fires (`RangeTestStop`: smoothed loss above 4x its best, or non-finite).
-    Like fastai, the first `skip_start` points (default a tenth) are left out of the suggestions.
-    On what remains:
-    - `min_loss_lr`: the rate at the smoothed loss's minimum (fastai's "minimum" rule suggests a tenth
-      of it);
-    - `steepest_lr`: the most negative forward difference of the smoothed loss against log10(lr),
-      (s[i+1] - s[i]) / (log10 lr[i+1] - log10 lr[i]) for i+1 up to the minimum, reported at lr[i]
-      as fastai's "steep" rule does;
-    - `valley_lr`: fastai's "valley" rule (see `_valley_index`), which `suggested_lr` follows
-      (falling back on `steepest_lr`), with `sweep_lrs` five rates around it.
-    """
-    if len(lrs) != len(losses):
-        raise ValueError(f"{len(lrs)} learning rates for {len(losses)} losses")
-    if any(not lr > 0 for lr in lrs):
-        raise ValueError("learning rates must be positive")
-    stopper = RangeTestStop(weight)
-    smooth: list[float] = []
-    stop_index = None
-    for i, loss in enumerate(losses):
-        if stopper.update(loss):
-            stop_index = i
-            break
-        smooth.append(stopper.smoothed)
-    start = len(smooth) // 10 if skip_start is None else skip_start
-    result: dict[str, Any] = {"stop_index": stop_index, "smoothing_weight": weight, "skip_start": start}
-    segment, segment_lrs = smooth[start:], list(lrs[start : len(smooth)])
-    indices: dict[str, int | None] = {"min_loss": None, "steepest": None, "valley": None}
-    if len(segment) >= 2:
-        lowest = min(range(len(segment)), key=segment.__getitem__)
-        indices = {
-            "min_loss": lowest,
-            "steepest": _steepest_index(segment_lrs, segment, lowest),
-            "valley": _valley_index(segment),
-        }
-    for name, index in indices.items():
-        result[f"{name}_index"] = None if index is None else start + index
-        result[f"{name}_lr"] = None if index is None else segment_lrs[index]
-    suggested = result["valley_lr"] if result["valley_lr"] is not None else result["steepest_lr"]
-    result["suggested_lr"] = suggested
-    result["sweep_lrs"] = sweep_lrs(suggested) if suggested is not None else []
-    return result
-
-
-def _steepest_index(lrs: list[float], smooth: list[float], lowest: int) -> int | None:
-    best_i, best_slope = None, 0.0
-    for i in range(lowest):
-        run = math.log10(lrs[i + 1]) - math.log10(lrs[i])
-        if run <= 0:
-            continue
-        slope = (smooth[i + 1] - smooth[i]) / run
-        if slope < best_slope:
-            best_i, best_slope = i, slope
-    return best_i
-
-
-def _valley_index(values: list[float]) -> int:
-    """fastai's "valley" rule (ESRI's): a point inside the longest valley of the curve.
-
-    The valley is the longest strictly decreasing subsequence (not necessarily contiguous); fastai
-    finds it in O(n^2), we find the same one in O(n log n). With L its length and `end` the first
-    index where one that long ends, fastai sets start = end - L and returns
-    start + int(L / 3) + int(L / 3 / 2). Its docs call this "roughly 2/3 through"; the arithmetic
-    lands near the middle, and we keep the arithmetic so that our suggestions match fastai's.
-    One deviation: fastai can return index -1 (the last point) when a 2-long valley ends at index 1;
-    we return 0.
-    """
-    # lengths[i]: longest strictly decreasing subsequence ending at i, by patience sorting on -v.
-    tails: list[float] = []
-    lengths: list[int] = []
-    for v in values:
-        pos = bisect.bisect_left(tails, -v)
-        if pos == len(tails):
-            tails.append(-v)
-        else:
-            tails[pos] = -v
-        lengths.append(pos + 1)
-    longest = max(lengths)
-    if longest == 1:
-        return 0
-    end = lengths.index(longest)
-    start = end - longest
-    sections = (end - start) / 3
-    return max(start + int(sections) + int(sections / 2), 0)
-
-
-def sweep_lrs(center: float, n: int = 5, decades: float = 2.0) -> list[float]:
-    """`n` log-spaced rates spanning `decades` around `center`, to 3 significant digits.
-
-    With the defaults: center x 10^[-1, -0.5, 0, 0.5, 1].
-    """
-    if not center > 0:
-        raise ValueError(f"center must be positive, got {center}")
-    if n == 1:
-        return [float(f"{center:.3g}")]
-    exponents = [-decades / 2 + decades * i / (n - 1) for i in range(n)]
-    return [float(f"{center * 10**e:.3g}") for e in exponents]

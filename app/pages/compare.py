@@ -1,0 +1,80 @@
+"""The compare page (several runs, coloured by learning rate) and a sweep's page (the same, with its ranking)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse
+from sqlmodel import col, select
+
+from analysis.sweeps import summarize_sweep
+from app.deps import MAX_ID, RunId, SessionDep
+from app.pages.render import not_found, render, require_sign_in
+from app.routers.metrics import MAX_COMPARE_RUNS
+from store.tables import FINISHED, Run, Sweep
+
+router = APIRouter(dependencies=[Depends(require_sign_in)])
+
+
+def parse_ids(raw: list[str]) -> list[int]:
+    """`ids=1,2&ids=3` -> [1, 2, 3] (the runs list's checkboxes send one `ids` each; links send a list).
+
+    What is not a run id is dropped, and so are ids past the most the compare API serves at once.
+    """
+    ids: list[int] = []
+    for part in ",".join(raw).split(","):
+        number = int(part) if part.strip().isdigit() else 0
+        if 1 <= number <= MAX_ID and number not in ids:
+            ids.append(number)
+    return ids[:MAX_COMPARE_RUNS]
+
+
+def compare_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """What the compare/sweep pages' script needs about each run (JSON embedded in the page)."""
+    rows = []
+    for r in runs:
+        summary = r.summary or {}
+        rows.append(
+            {
+                "id": r.id,
+                "name": r.name,
+                "lr": r.learning_rate,
+                "status": r.status,
+                "finished": r.status in FINISHED,
+                "final_loss": summary.get("final_loss", r.last_loss),
+                "best_loss": summary.get("best_loss", r.best_loss),
+            }
+        )
+    return rows
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(
+    request: Request, session: SessionDep, ids: Annotated[list[str] | None, Query()] = None
+) -> HTMLResponse:
+    wanted = parse_ids(ids or [])
+    runs = session.exec(select(Run).where(col(Run.id).in_(wanted))).all() if wanted else []
+    runs = sorted(runs, key=lambda r: (r.learning_rate, r.id or 0))
+    context = {"runs": runs, "rows": compare_rows(list(runs)), "sweep": None, "analysis": None}
+    return render(request, "compare.html", context)
+
+
+def sweep_analysis(runs: list[Run]) -> dict[str, Any] | None:
+    """The sweep's ranking and recommended rate, once some of its runs have their analysis."""
+    if not any(r.summary for r in runs):
+        return None
+    return summarize_sweep(
+        [{"id": r.id, "learning_rate": r.learning_rate, "status": r.status, "summary": r.summary} for r in runs]
+    )
+
+
+@router.get("/sweeps/{sweep_id}", response_class=HTMLResponse)
+def sweep_page(request: Request, session: SessionDep, sweep_id: RunId) -> HTMLResponse:
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is None:
+        return not_found(request, f"Sweep {sweep_id}")
+    runs = session.exec(select(Run).where(Run.sweep_id == sweep_id).order_by(col(Run.learning_rate))).all()
+    analysis = sweep_analysis(list(runs))
+    context = {"runs": runs, "rows": compare_rows(list(runs)), "sweep": sweep, "analysis": analysis}
+    return render(request, "compare.html", context)
