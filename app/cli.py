@@ -7,10 +7,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from app.config import Settings
 from store.db import upgrade
+from store.settings import DataSettings
 
 GRACEFUL_SHUTDOWN_SECONDS = 3  # live event streams never end by themselves
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,17 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_problem(exc: ValidationError) -> str:
+    """One line per setting that is wrong, naming its STEPSCOPE_ variable (or, for a rule, saying which)."""
+    lines = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = ".".join(str(part) for part in error["loc"])
+        lines.append(f"STEPSCOPE_{field.upper()}: {message}" if field else message)
+    return "; ".join(lines)
+
+
 def serve(settings: Settings) -> int:
-    try:
-        settings.check_safe_to_serve()
-    except ValueError as exc:
-        print(f"stepscope serve: refusing to start: {exc}", file=sys.stderr)
-        return 2
     import uvicorn
 
     from app.main import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    if settings.host in WILDCARD_HOSTS and not settings.allowed_hosts:
+        logging.getLogger("stepscope").warning(
+            "listening on %s: requests must name this server by a loopback name, or by a name given in "
+            "STEPSCOPE_ALLOWED_HOSTS (other Host headers get 400)",
+            settings.host,
+        )
     uvicorn.run(  # the app upgrades the database and starts the job runner as it starts
         create_app(settings),
         host=settings.host,
@@ -53,13 +68,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(args_list[1:])
     args = build_parser().parse_args(args_list)
-    if args.command == "serve":
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-        return serve(Settings(**overrides))
-    settings = Settings()
-    upgrade(settings.database_url)
-    print(f"database {settings.database_url} is at the newest schema")
-    return 0
+    if args.command == "db":  # only where the data lives: the server's own settings play no part
+        data = DataSettings()
+        upgrade(data.database_url)
+        print(f"database {data.database_url} is at the newest schema")
+        return 0
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = Settings(**overrides)  # refuses unsafe settings, e.g. a public address without a token
+    except ValidationError as exc:
+        print(f"stepscope serve: refusing to start: {settings_problem(exc)}", file=sys.stderr)
+        return 2
+    return serve(settings)
 
 
 if __name__ == "__main__":

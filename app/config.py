@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from store.settings import DataSettings
 
@@ -23,23 +28,43 @@ def _is_loopback(host: str) -> bool:
 
 class Settings(DataSettings):
     host: str = "127.0.0.1"
+    """Address to listen on; any other than a loopback address needs TOKEN (refused at construction)."""
     port: int = 8000
     token: str = ""
     """Bearer token for state-changing API calls (required when HOST is not a loopback address)."""
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    """Host names requests may be addressed to besides loopback names and HOST (comma-separated; `*`: any)."""
+    session_days: float = Field(default=30, gt=0)
+    """Days a dashboard sign-in (its cookie) lasts."""
+    models_dir: Path | None = None
+    """Folder of local models the API may train (default HOME/models); the CLI takes any folder."""
     max_concurrent_runs: int = 0
     """Training jobs running at once (0: one per GPU, or 1 on CPU)."""
     max_upload_bytes: int = 50 * 1024 * 1024
     cancel_grace_seconds: float = 15.0
     """Seconds a cancelled job gets to flush and save before it is killed."""
 
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        """STEPSCOPE_ALLOWED_HOSTS=a.example,b.example (or a list, from code): lower-case names."""
+        names = value.split(",") if isinstance(value, str) else value
+        if isinstance(names, list | tuple):
+            return [str(name).strip().lower() for name in names if str(name).strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _safe_to_serve(self) -> Settings:
+        """Refuse a non-loopback address without a token, however the app is started (CLI, uvicorn --factory)."""
+        if not _is_loopback(self.host) and not self.token:
+            raise ValueError(f"STEPSCOPE_HOST={self.host} is not a loopback address: set STEPSCOPE_TOKEN too")
+        # An absolute path, not resolved: a model folder may be a link the owner put there on purpose.
+        self.models_dir = Path(self.models_dir or self.home.expanduser().resolve() / "models").expanduser().absolute()
+        return self
+
     @cached_property
     def is_public(self) -> bool:
         return not _is_loopback(self.host)
-
-    def check_safe_to_serve(self) -> None:
-        """Refuse to listen on a non-loopback address without a token."""
-        if self.is_public and not self.token:
-            raise ValueError(f"STEPSCOPE_HOST={self.host} is not a loopback address: set STEPSCOPE_TOKEN too")
 
 
 def get_settings() -> Settings:

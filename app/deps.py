@@ -30,8 +30,10 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_session(engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
-    with Session(engine) as session:
+def get_session(request: Request, engine: Annotated[Engine, Depends(get_engine)]) -> Iterator[Session]:
+    """A session whose `info` says which model folders requests may name (see `app.services.check_api_model`)."""
+    settings = get_app_settings(request)
+    with Session(engine, info={"models_dir": settings.models_dir}) as session:
         yield session
 
 

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.config import Settings, get_settings
 from app.routers import datasets, health, lr_range, metrics, models, runs, sweeps
 from app.runner import JobRunner
+from app.security import RequestGuard
 from app.services import Conflict, NotFound
 from store.db import make_engine, upgrade
 from trainer.catalog import ModelError
@@ -33,7 +34,9 @@ Start LoRA fine-tuning runs and learning-rate sweeps, follow them live, and read
 step's metrics (JSON, downsampled JSON that keeps spikes, CSV, or Server-Sent Events).
 
 With `STEPSCOPE_TOKEN` set, calls that change state need `Authorization: Bearer <token>` (and, on a
-public address, every call does).
+public address, every call does). Calls that change state are refused (403) when a browser says they
+come from another site (`Origin`, `Sec-Fetch-Site`); scripts send neither. A request whose `Host` is not
+one of this server's names gets 400.
 """
 
 
@@ -130,4 +133,5 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
     app.add_exception_handler(ValueError, _bad_input)
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(Conflict, _conflict)
+    app.add_middleware(RequestGuard, settings=settings)  # Host allow-list and cross-site refusal, before routing
     return app

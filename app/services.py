@@ -8,8 +8,10 @@ CSV and the page. A queued run is a row: the job runner (`app.runner`) starts it
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from sqlalchemy import ColumnElement, delete, update
@@ -17,7 +19,8 @@ from sqlmodel import Session, col, select
 
 from app.config import Settings
 from store.tables import FINISHED, Dataset, EvalMetric, Run, RunStatus, StepMetric, Sweep, step_rollups, utcnow
-from trainer.catalog import ModelError, check_model
+from trainer.catalog import BUILTIN_MODELS, ModelError, check_model
+from trainer.catalog import _hub_cache_has as hub_cache_has
 from trainer.config import ConfigError, TrainConfig, make_config
 from trainer.data import BUILTIN_DATASETS, plan_steps, split_sizes
 
@@ -38,10 +41,40 @@ class Plan(NamedTuple):
     total_steps: int
 
 
+def _under(path: Path, folder: Path) -> bool:
+    """Whether `path` names something inside `folder` by its names alone. No '..' at all: after a link
+    inside the folder it would climb out of the link's target, which the names do not show."""
+    inside = Path(os.path.normpath(path))
+    return ".." not in path.parts and any(inside.is_relative_to(f) and inside != f for f in {folder, folder.resolve()})
+
+
+def check_api_model(spec: str, models_dir: Path | None) -> None:
+    """A model a request may name: a built-in, a folder under MODELS_DIR or an id in the local hub cache.
+
+    Any other path gets one message, the same whether or not it exists: a request must not learn what
+    is on the server's disk. (`stepscope train` takes any folder: its user owns the machine.) A session
+    made by the app carries MODELS_DIR in `info` (`app.deps.get_session`); without it, no folder is allowed.
+    """
+    if spec in BUILTIN_MODELS:
+        check_model(spec)
+        return
+    path = Path(spec).expanduser()
+    if path.is_absolute():
+        if models_dir is not None and _under(path, models_dir) and path.is_dir():
+            check_model(str(path))  # inside MODELS_DIR, saying what is wrong with a folder is no leak
+            return
+    elif hub_cache_has(spec):  # an id, never a folder relative to the server's working directory
+        return
+    raise ModelError(
+        f"unknown model {spec!r}: use one of {', '.join(BUILTIN_MODELS)}, a model folder under "
+        "STEPSCOPE_MODELS_DIR, or a hub id already in the local Hugging Face cache (stepscope never downloads)"
+    )
+
+
 def _plan(session: Session, config: TrainConfig) -> Plan:
     """Check that the model and dataset exist and compute the step plan, or raise ConfigError."""
     try:
-        check_model(config.model)
+        check_api_model(config.model, session.info.get("models_dir"))
     except ModelError as exc:
         raise ConfigError("model", str(exc)) from None
     if config.dataset in BUILTIN_DATASETS:

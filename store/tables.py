@@ -85,6 +85,8 @@ class Run(RunBase, table=True):
     finished_at: datetime | None = None
     device: str | None = None
     pid: int | None = None
+    pid_start: int | None = None
+    """Start time of process `pid` (clock ticks after boot, /proc/PID/stat): with the pid it names one process."""
     cancel_requested_at: datetime | None = None
     """Set by a cancel request; the job runner then stops the job (SIGTERM, then SIGKILL after a grace period)."""
     error: str | None = None

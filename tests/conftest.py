@@ -18,9 +18,15 @@ from store.rollups import STEP_INSERT, write_steps
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh data directory, exported so that subprocesses (training jobs) use it too."""
+    """A fresh data directory, exported so that subprocesses (training jobs) use it too.
+
+    Starlette's TestClient addresses every request to the host 'testserver', which the server's Host
+    allow-list refuses unless it is named: every Settings() a test makes allows it through the environment.
+    """
     monkeypatch.setenv("STEPSCOPE_HOME", str(tmp_path))
+    monkeypatch.setenv("STEPSCOPE_ALLOWED_HOSTS", "testserver")
     monkeypatch.delenv("STEPSCOPE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("STEPSCOPE_MODELS_DIR", raising=False)
     yield tmp_path
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from sqlmodel import Session
 
 from store.db import configure_sqlite, make_engine
+from store.processes import process_start_time
 from store.rollups import STEP_INSERT, write_steps
 from store.tables import Run, RunStatus, sqlite_time
 from trainer.config import TrainConfig
@@ -34,7 +35,8 @@ def new_run(database_url: str, cfg: TrainConfig) -> int:
 
     It is `running` with this pid from the start, so a server's job runner never starts it a second time.
     """
-    run = Run(**cfg.run_columns(), status=RunStatus.running, pid=os.getpid())
+    pid = os.getpid()
+    run = Run(**cfg.run_columns(), status=RunStatus.running, pid=pid, pid_start=process_start_time(pid))
     engine = make_engine(database_url)
     try:
         with Session(engine) as session:

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.deps import SettingsDep
 from app.pages.render import CheckedForm, render
-from app.security import AUTH_COOKIE, auth_cookie_value
+from app.security import set_auth_cookie
 
 router = APIRouter()
 
@@ -36,5 +36,5 @@ def login(request: Request, settings: SettingsDep, form: CheckedForm) -> Respons
     ):
         return render(request, "login.html", {"next": target, "error": "That is not the server's token."}, 401)
     response = RedirectResponse(target, 303)
-    response.set_cookie(AUTH_COOKIE, auth_cookie_value(settings.token), httponly=True, samesite="strict", path="/")
+    set_auth_cookie(response, request, settings)
     return response

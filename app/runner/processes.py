@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from store.processes import process_start_time
+
 STDERR_TAIL_LINES = 20
 
 
@@ -40,18 +42,19 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
-def is_training_process(pid: int | None) -> bool:
-    """Whether `pid` is a live stepscope training process (a job, or `stepscope train` in a terminal)."""
-    if not pid:
+def is_same_process(pid: int | None, started: int | None) -> bool:
+    """Whether `pid` is still the live process that started at `started` (see `store.processes`).
+
+    A pid is reused once its process ends, so the recorded start time must match too; a process whose
+    start time cannot be read (or a run that recorded none) is never taken for ours. The command line
+    proves nothing: any process may be called "trainer".
+    """
+    if not pid or started is None:
         return False
     state = process_state(pid)
     if state is None or state in ("Z", "X"):
         return False
-    try:
-        line = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return b"trainer" in line or b"stepscope" in line
+    return process_start_time(pid) == started
 
 
 def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
@@ -88,6 +91,8 @@ class Job:
     """None for a process this server did not start (found running at start-up)."""
     stopped_by_us: bool = True
     """Whether stopping the server stops it (jobs; not a `stepscope train` in someone's terminal)."""
+    pid_start: int | None = None
+    """The process's start time (clock ticks after boot): with `pid`, it names the process (not our child only)."""
     gpu: str | None = None
     stderr_path: Path | None = None
     kill_at: float | None = None
@@ -98,9 +103,11 @@ class Job:
         """The exit code once the process has ended (None while it runs; 0 when it is not our child)."""
         if self.proc is not None:
             return self.proc.poll()
-        return None if is_training_process(self.pid) else 0
+        return None if is_same_process(self.pid, self.pid_start) else 0
 
     def signal(self, sig: signal.Signals) -> None:
+        if self.proc is None and not is_same_process(self.pid, self.pid_start):
+            return  # an adopted process that has ended: its pid may be someone else's by now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if sig == signal.SIGKILL and self.proc is not None:
                 os.killpg(self.pid, sig)  # the job's own session: also whatever it started

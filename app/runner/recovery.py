@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.config import Settings
-from app.runner.processes import Job, cmdline, is_training_process
+from app.runner.processes import Job, cmdline, is_same_process
 from store.tables import FINISHED, Run, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -22,13 +22,16 @@ def adopt_or_settle(engine: Engine, settings: Settings, run: Run) -> Job | None:
     A queued run claimed by a server that went away before starting it is queued again.
     """
     assert run.id is not None
-    if run.pid != os.getpid() and is_training_process(run.pid):
+    # Ours only if the pid is alive and started when the run recorded: a reused pid (or a process whose
+    # start time cannot be read) belongs to someone else and is never adopted, so never signalled.
+    if run.pid != os.getpid() and is_same_process(run.pid, run.pid_start):
         assert run.pid is not None
-        line = cmdline(run.pid)
+        line = cmdline(run.pid)  # now known to be the run's process: a job (--run-id) or `stepscope train`
         log.info("run %d: watching its process %d (started before this server)", run.id, run.pid)
         return Job(
             run.id,
             run.pid,
+            pid_start=run.pid_start,
             stopped_by_us=b"--run-id" in line or not line,
             stderr_path=settings.runs_dir / str(run.id) / "stderr.log",
         )

@@ -30,6 +30,7 @@ from app.config import Settings
 from app.runner import gpus as gpu_choice
 from app.runner.processes import Job, exit_reason, job_command, stderr_tail
 from app.runner.recovery import adopt_or_settle
+from store.processes import process_start_time
 from store.tables import FINISHED, Run, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class JobRunner:
         self.jobs[run.id] = Job(
             run.id, proc.pid, proc, gpu=gpu, stderr_path=run_dir / "stderr.log", files=[stdout, stderr]
         )
-        self._mark(run.id, pid=proc.pid)
+        self._mark(run.id, pid=proc.pid, pid_start=process_start_time(proc.pid))  # pid and start: this process
         log.info("run %d: started job pid %d%s", run.id, proc.pid, f" on GPU {gpu}" if gpu else "")
 
     def _mark(self, run_id: int, **values: Any) -> None:

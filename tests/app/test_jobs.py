@@ -21,6 +21,7 @@ from app.main import create_app
 from app.runner import JobRunner
 from app.services import cancel_run, create_run
 from store.db import make_engine
+from store.processes import process_start_time
 from store.tables import Run, RunStatus
 from tests.conftest import wait_for
 from trainer.config import TrainConfig
@@ -244,7 +245,7 @@ def test_at_start_runs_whose_process_is_gone_are_interrupted_and_live_ones_watch
     gone = add_run(engine, status=RunStatus.running, pid=2**22 + 12345)  # above Linux's default pid_max
     claimed = add_run(engine, pid=2**22 + 12346)  # claimed by a server that died before starting it
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "trainer"])
-    alive = add_run(engine, status=RunStatus.running, pid=orphan.pid)
+    alive = add_run(engine, status=RunStatus.running, pid=orphan.pid, pid_start=process_start_time(orphan.pid))
     runner = make("complete", max_concurrent_runs=2)
     try:
         runner.start()

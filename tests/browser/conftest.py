@@ -6,6 +6,7 @@ are skipped with a message when it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,15 +57,16 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 6
     raise RuntimeError(f"the server did not answer at {url} within {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`stepscope serve` on a free port with its own home; three jobs may train at once (a sweep's three)."""
-    home = tmp_path_factory.mktemp("stepscope-home")
+@contextlib.contextmanager
+def serve(home: Path, **settings: str) -> Iterator[Server]:
+    """`stepscope serve` on a free loopback port with `home` as its data directory and the given STEPSCOPE_
+    settings (e.g. TOKEN="s3cret"); stopped (SIGTERM, then SIGKILL) on leaving."""
     port = free_port()
-    env = os.environ | {"STEPSCOPE_HOME": str(home), "STEPSCOPE_MAX_CONCURRENT_RUNS": "3"}
-    env.pop("STEPSCOPE_DATABASE_URL", None)
-    env.pop("STEPSCOPE_TOKEN", None)
-    log = (home / "server.log").open("wb")
+    env = os.environ | {"STEPSCOPE_HOME": str(home)} | {f"STEPSCOPE_{k.upper()}": v for k, v in settings.items()}
+    for name in ("DATABASE_URL", "TOKEN", "ALLOWED_HOSTS"):
+        if name.lower() not in settings:
+            env.pop(f"STEPSCOPE_{name}", None)
+    log = (home / "server.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=log
     )
@@ -79,6 +81,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`stepscope serve` on a free port with its own home; three jobs may train at once (a sweep's three)."""
+    with serve(tmp_path_factory.mktemp("stepscope-home"), max_concurrent_runs="3") as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
