@@ -17,6 +17,7 @@ from typing import Any, Literal, NamedTuple
 from sqlalchemy import ColumnElement, delete, update
 from sqlmodel import Session, col, select
 
+from analysis.sweeps import summarize_sweep
 from app.config import Settings
 from store.tables import FINISHED, Dataset, EvalMetric, Run, RunStatus, StepMetric, Sweep, step_rollups, utcnow
 from trainer.catalog import BUILTIN_MODELS, ModelError, check_model
@@ -153,6 +154,27 @@ def create_sweep(session: Session, config: TrainConfig, learning_rates: Sequence
 
 def sweep_runs(session: Session, sweep_id: int) -> list[Run]:
     return list(session.exec(select(Run).where(Run.sweep_id == sweep_id).order_by(col(Run.id))))
+
+
+def judge_sweep(session: Session, sweep_id: int) -> dict[str, Any]:
+    """Judge the sweep's finished runs against each other and store each compared run's verdict (the `runs`
+    column, and `summary["comparative"]` beside the run's own verdict). Called as its runs end."""
+    runs = sweep_runs(session, sweep_id)
+    result = summarize_sweep(
+        [{"id": r.id, "learning_rate": r.learning_rate, "status": r.status, "summary": r.summary} for r in runs]
+    )
+    judged = {e["id"]: e for e in result["ranking"] if e["rank_loss"] is not None}
+    for run in runs:
+        entry = judged.get(run.id)
+        if entry is None or run.summary is None or len(judged) < 2:
+            continue
+        compared = {k: entry[k] for k in ("verdict", "reason", "next_lrs")} | {"sweep_id": sweep_id}
+        if run.summary.get("comparative") != compared:
+            run.summary = {**run.summary, "comparative": compared}
+            run.verdict = entry["verdict"]
+            session.add(run)
+    session.commit()
+    return result
 
 
 def cancel_run(session: Session, run_id: int) -> Run:

@@ -43,6 +43,19 @@ const Stepscope = (() => {
     });
   }
 
+  /**
+   * Continue the server's smoothing (`smoothed` and `smoothing_state` of /api/runs/{id}/metrics, run over
+   * every recorded step) on rows that arrived since: `state` is [EMA sum, values folded in], updated in place.
+   */
+  function continueSmooth(state, values, weight) {
+    return values.map((v) => {
+      if (v === null || !Number.isFinite(v)) return null;
+      state[0] = state[0] * weight + (1 - weight) * v;
+      state[1] += 1;
+      return state[0] / (1 - weight ** state[1]);
+    });
+  }
+
   // Plasma, stopped before its pale yellow end so that every line shows on a white background.
   const COLORSCALE = [
     [0, "#0d0887"],
@@ -160,6 +173,7 @@ const Stepscope = (() => {
     fmtNum,
     fmtDuration,
     smooth,
+    continueSmooth,
     COLORSCALE,
     colorAt,
     lrRange,

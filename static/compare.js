@@ -59,7 +59,8 @@
         if (weight > 0) {
           out.push({ ...common, y, showlegend: false, hoverinfo: "skip", opacity: 0.2, line: { color: run.color, width: 1 } });
         }
-        out.push({ ...common, y: S.smooth(y, weight), showlegend: true, line: { color: run.color, width: 2 } });
+        const smoothed = run.main.smoothed?.loss || S.smooth(y, weight); // the server's, over every step
+        out.push({ ...common, y: smoothed, showlegend: true, line: { color: run.color, width: 2 } });
       } else {
         out.push({ ...common, y, showlegend: false, line: { color: run.color, width: 1.5 } });
       }
@@ -236,10 +237,11 @@
   /** One compare request for a part (its series, and the chosen x series) of every run. */
   async function load(part) {
     const q = new URLSearchParams({ ids: runs.map((r) => r.id).join(","), keys: keys(part).join(","), max_points: MAX_POINTS });
+    if (part === "main") q.set("smoothing", controls.smoothing.value); // smoothed over every step, not the points
     const answer = await S.getJSON(`/api/compare?${q}`);
     for (const item of answer.runs) {
       const run = runs.find((r) => r.id === item.id);
-      if (run) run[part] = { steps: item.steps, series: item.series };
+      if (run) run[part] = { steps: item.steps, series: item.series, smoothed: item.smoothed, state: item.smoothing_state };
     }
   }
 
@@ -263,6 +265,9 @@
       run.panels = empty();
     }
     append(run.main, batch, keys("main"));
+    if (run.main.smoothed) {
+      run.main.smoothed.loss.push(...S.continueSmooth(run.main.state.loss, batch.series.loss || [], Number(controls.smoothing.value)));
+    }
     append(run.panels, batch, keys("panels"));
     Object.assign(run, {
       live: true,
@@ -335,9 +340,11 @@
     await S.documentParsed; // Plotly is there
     await first;
     await draw();
+    let reload = null;
     controls.smoothing.addEventListener("input", () => {
       controls.smoothingValue.textContent = Number(controls.smoothing.value).toFixed(2);
-      draw();
+      clearTimeout(reload); // the server smooths every step again with the new weight
+      reload = setTimeout(() => load("main").then(draw).catch((err) => console.warn(err)), 150);
     });
     controls.xAxis.addEventListener("change", () => changeX().catch((err) => console.warn(err)));
     controls.logY.addEventListener("change", draw);

@@ -5,8 +5,15 @@
 (() => {
   const S = Stepscope;
   const page = S.pageData();
-  const KEYS = ["loss", "eval_loss", "lr", "grad_norm", "update_norm", "update_ratio", "step_scale", "wall_time"];
-  const data = { steps: [], series: Object.fromEntries(KEYS.map((k) => [k, []])), evalSteps: [], evalLoss: [] };
+  const KEYS = ["loss", "eval_loss", "lr", "grad_norm", "update_norm", "update_ratio", "step_scale", "update_cos",
+    "grad_alignment", "wall_time"];
+  // Smoothed on the server over every recorded step, then continued here on the rows that arrive live.
+  const SMOOTHED = ["loss", "update_cos", "grad_alignment"];
+  const emptyData = () => ({
+    steps: [], series: Object.fromEntries(KEYS.map((k) => [k, []])), evalSteps: [], evalLoss: [],
+    smoothed: Object.fromEntries(SMOOTHED.map((k) => [k, []])), state: Object.fromEntries(SMOOTHED.map((k) => [k, [0, 0]])),
+  });
+  let data = emptyData();
   const smoothing = document.getElementById("smoothing");
   const smoothingValue = document.getElementById("smoothing-value");
 
@@ -19,13 +26,16 @@
     { key: "update_norm", title: "Update norm ‖Δw‖", log: true },
     { key: "update_ratio", title: "Update ratio ‖Δw‖ / ‖w‖", log: true },
     { key: "step_scale", title: "Step scale ‖Δw‖ / (lr · ‖g‖)   (SGD: 1)", log: true, one: true },
+    // Cosines, raw and smoothed, around zero: the evidence the verdict reads (analysis/runs.py).
+    { key: "grad_alignment", title: "Gradient alignment cos(g_t, θ_{t−1} − θ_t)   (> 0: steps too short, < 0: overshot)", cos: true },
+    { key: "update_cos", title: "Update cosine cos(Δθ_t, Δθ_{t−1})   (−1: bouncing across the valley)", cos: true },
   ];
 
   function lossTraces() {
     const loss = data.series.loss;
     return [
       { x: data.steps, y: loss, name: "loss", mode: "lines", line: { color: "#1f77b4", width: 1 }, opacity: 0.3 },
-      { x: data.steps, y: S.smooth(loss, Number(smoothing.value)), name: "smoothed", mode: "lines", line: { color: "#1f77b4", width: 2 } },
+      { x: data.steps, y: data.smoothed.loss, name: "smoothed", mode: "lines", line: { color: "#1f77b4", width: 2 } },
       { x: data.evalSteps, y: data.evalLoss, name: "eval loss", mode: "lines+markers", line: { color: "#d62728", width: 2 }, marker: { size: 5 } },
     ];
   }
@@ -99,7 +109,7 @@
     if (rt.suggested_lr) {
       const strong = document.createElement("strong");
       strong.textContent = S.fmtLr(rt.suggested_lr);
-      const rules = ` (valley ${S.fmtLr(rt.valley_lr)}, steepest ${S.fmtLr(rt.steepest_lr)})`;
+      const rules = ` (a tenth of the minimum's ${S.fmtLr(rt.min_loss_lr)}; valley ${S.fmtLr(rt.valley_lr)}, steepest ${S.fmtLr(rt.steepest_lr)})`;
       text.replaceChildren("Suggested learning rate: ", strong, rules);
     } else {
       text.textContent = "No suggestion: the smoothed loss never fell over this range. Try a wider one.";
@@ -119,14 +129,30 @@
     Plotly.react("chart-loss", lossTraces(), panelLayout("Loss (raw, smoothed) and eval loss", false, { showlegend: true }), S.plotConfig);
     for (const p of PANELS) {
       const trace = { x: data.steps, y: data.series[p.key], mode: "lines", name: p.key, line: { color: "#444", width: 1.5 } };
-      const shapes = p.one ? [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: 1, y1: 1, line: { dash: "dot", color: "#999" } }] : [];
-      Plotly.react(`chart-${p.key}`, [trace], panelLayout(p.title, p.log, { shapes, zero: p.zero }), S.plotConfig);
+      const traces = [trace];
+      const level = p.one ? 1 : p.cos ? 0 : null;
+      const shapes = level === null ? [] : [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: level, y1: level, line: { dash: "dot", color: "#999" } }];
+      const extra = { shapes, zero: p.zero };
+      if (p.cos) {
+        Object.assign(trace, { opacity: 0.3, line: { color: "#444", width: 1 } });
+        traces.push({ x: data.steps, y: data.smoothed[p.key], mode: "lines", name: "smoothed", line: { color: "#444", width: 2 } });
+        extra.yaxis = { range: [-1.05, 1.05], zeroline: false };
+      }
+      Plotly.react(`chart-${p.key}`, traces, panelLayout(p.title, p.log, extra), S.plotConfig);
     }
   }
 
   function append(batch) {
     data.steps.push(...batch.steps);
     for (const k of KEYS) data.series[k].push(...(batch.series[k] || batch.steps.map(() => null)));
+    for (const k of SMOOTHED) {
+      if (batch.smoothed) {
+        data.smoothed[k].push(...batch.smoothed[k]);
+        data.state[k] = batch.smoothing_state[k];
+      } else {
+        data.smoothed[k].push(...S.continueSmooth(data.state[k], batch.series[k] || [], Number(smoothing.value)));
+      }
+    }
     // eval_loss comes aligned with the steps, null where no eval ran: keep the evaluated points only.
     (batch.series.eval_loss || []).forEach((v, i) => {
       if (v !== null) {
@@ -141,7 +167,7 @@
   }
 
   function metricsUrl(maxPoints) {
-    const q = new URLSearchParams({ keys: KEYS.join(","), max_points: maxPoints });
+    const q = new URLSearchParams({ keys: KEYS.join(","), max_points: maxPoints, smoothing: smoothing.value });
     return `/api/runs/${page.id}/metrics?${q}`;
   }
 
@@ -260,9 +286,16 @@
     await S.documentParsed; // Plotly is there
     append(await first);
     draw();
+    let reload = null;
     smoothing.addEventListener("input", () => {
       smoothingValue.textContent = Number(smoothing.value).toFixed(2);
-      Plotly.restyle("chart-loss", { y: [S.smooth(data.series.loss, Number(smoothing.value))] }, [1]);
+      clearTimeout(reload); // the server smooths every step again with the new weight
+      reload = setTimeout(async () => {
+        const fresh = await S.getJSON(metricsUrl(4000));
+        data = emptyData();
+        append(fresh);
+        draw();
+      }, 150);
     });
     const deleteForm = document.getElementById("delete-form");
     if (deleteForm) {

@@ -49,6 +49,9 @@ STEP_COLUMNS = (
     "step_scale",
     "wall_time",
     "step_time",
+    "update_cos",
+    "grad_alignment",
+    "skipped",
 )
 
 
@@ -151,6 +154,12 @@ class StepMetric(SQLModel, table=True):
     step_scale: float | None
     wall_time: float
     step_time: float
+    update_cos: float | None = None
+    """cos(Δθ_t, Δθ_{t−1}): −1 when updates bounce across a valley (trainer.measure)."""
+    grad_alignment: float | None = None
+    """cos(g_t, θ_{t−1} − θ_t): positive, the last step could have been longer; negative, it overshot."""
+    skipped: int | None = None
+    """1 when the fp16 loss scaler skipped the update (its gradients overflowed; the update is then 0), else 0."""
 
 
 ROLLUP_PARTS = ("min", "min_step", "max", "max_step")

@@ -49,8 +49,10 @@ def db(settings: Settings) -> Iterator[sqlite3.Connection]:
 
 def step_row(run_id: int, step: int, loss: float | None, lr: float = 1e-3) -> tuple[Any, ...]:
     """A step row as the recorder writes it: (run_id, step, *STEP_COLUMNS), fixed values besides loss and lr."""
-    # epoch, samples, tokens, loss, lr, grad_norm, update_norm, param_norm, update_ratio, step_scale, wall, step_time
-    return (run_id, step, step / 10, step * 8, step * 100, loss, lr, 2.0, 2 * lr, 3.0, 1e-3, 1.0, step * 0.1, 0.1)
+    # epoch, samples, tokens, loss, lr, grad_norm, update_norm, param_norm, update_ratio, step_scale, wall, step_time,
+    # update_cos, grad_alignment, skipped
+    return (run_id, step, step / 10, step * 8, step * 100, loss, lr, 2.0, 2 * lr, 3.0, 1e-3, 1.0, step * 0.1, 0.1,
+            0.5, -0.1, 0)  # fmt: skip
 
 
 def add_steps(

@@ -45,6 +45,7 @@ class Batch:
     labels: torch.Tensor
     n_samples: int
     n_tokens: int  # real (unpadded) tokens, counted on the host so recording needs no device sync
+    n_loss_tokens: int  # tokens whose next token carries a loss (labels after the causal shift)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -53,6 +54,7 @@ class Batch:
             self.labels.to(device, non_blocking=True),
             self.n_samples,
             self.n_tokens,
+            self.n_loss_tokens,
         )
 
 
@@ -65,7 +67,9 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
         ids[row, : len(x)] = torch.tensor(x)
         labels[row, : len(y)] = torch.tensor(y)
         mask[row, : len(x)] = 1
-    return Batch(ids, mask, labels, len(encoded), sum(len(x) for x, _ in encoded))
+    # The model predicts token i + 1 from tokens up to i, so a row's first label never carries a loss.
+    n_loss = sum(1 for _, y in encoded for label in y[1:] if label != IGNORE)
+    return Batch(ids, mask, labels, len(encoded), sum(len(x) for x, _ in encoded), n_loss)
 
 
 def step_batches(

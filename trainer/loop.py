@@ -1,8 +1,9 @@
 """The training loop: LoRA fine-tuning that measures what every optimizer step did to the weights.
 
 Per step it records loss, the lr actually used, the gradient norm before clipping, the update norm
-‖θ_after − θ_before‖ and the parameter norm. For plain SGD the update is exactly lr·grad, so
-`step_scale = update_norm / (lr · grad_norm)` is 1; for Adam it is not, and that is worth seeing.
+‖θ_after − θ_before‖, the parameter norm and whether the step overshot (`trainer.measure`). For plain
+SGD the update is exactly lr·grad, so `step_scale = update_norm / (lr · grad_norm)` is 1; for Adam it
+is not, and that is worth seeing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ import torch
 from transformers import get_scheduler
 
 from analysis.range_test import RangeTestStop, lr_range_suggestions
-from analysis.runs import summarize_run
+from analysis.runs import DIVERGED_LOSS_FACTOR, diverged_loss, summarize_run
+from analysis.smoothing import DebiasedEma
 from store.tables import RunStatus, utcnow
 from trainer.batches import Batch, eval_batches, step_batches, tokenize
 from trainer.config import TrainConfig
 from trainer.data import load_examples, plan_steps
+from trainer.measure import StepMeter
 from trainer.models import add_lora, count_params, load_base
 from trainer.recorder import Recorder
 
@@ -34,6 +37,11 @@ log = logging.getLogger(__name__)
 
 FLUSH_STEPS = 32  # copy metrics to the host at least every this many steps ...
 FLUSH_SECONDS = 0.5  # ... or this often, so a killed job loses at most about a second of rows
+# The divergence guard smooths over about ten steps (1 / (1 - 0.9)): one bad batch cannot end a run.
+DIVERGENCE_SMOOTHING = 0.9
+# GradScaler halves its scale on every overflow and starts at 2^16: 24 halvings in a row bring it to
+# 2^-8, where finite gradients no longer overflow, so the gradients themselves are not finite.
+FP16_MAX_SKIPS_IN_A_ROW = 24
 
 
 @dataclass
@@ -51,7 +59,7 @@ class Setup:
     device: torch.device
     autocast_dtype: torch.dtype | None
     params: list[torch.nn.Parameter]
-    weights: list[torch.Tensor]  # detached views of `params` (made once: building them is per-step Python work)
+    meter: StepMeter
     optimizer: torch.optim.Optimizer
     scheduler: Any
     batches: Iterator[list[Batch]]
@@ -139,7 +147,7 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         device=device,
         autocast_dtype=pick_precision(cfg, device),
         params=params,
-        weights=[p.detach() for p in params],
+        meter=StepMeter(params),
         optimizer=optimizer,
         scheduler=make_scheduler(cfg, optimizer, total_steps),
         batches=step_batches(train_enc, cfg.batch_size, cfg.grad_accum_steps, tok.pad_token_id, cfg.seed),
@@ -153,53 +161,58 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
 # --- one step ----------------------------------------------------------------------------------------
 
 
-def _forward(s: Setup, batch: Batch) -> torch.Tensor:
+def _forward(s: Setup, batch: Batch, n_items: int) -> torch.Tensor:
+    """The batch's summed token losses over `n_items`: the micro-batches of a step add up to its
+    token-weighted mean, as Hugging Face's Trainer does with `num_items_in_batch` (a mean per micro-batch
+    would weigh a token of a short micro-batch more than one of a long one)."""
     with torch.autocast(s.device.type, dtype=s.autocast_dtype or torch.float32, enabled=s.autocast_dtype is not None):
-        out = s.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        out = s.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+            num_items_in_batch=max(1, n_items),
+        )
     return out.loss
 
 
 def forward_backward(s: Setup, micro: list[Batch], scaler: torch.amp.GradScaler) -> torch.Tensor:
-    """Accumulate gradients over the step's micro-batches; return their mean loss (on the device)."""
+    """Accumulate gradients over the step's micro-batches; return the step's loss, the mean over all its
+    loss tokens (on the device)."""
     s.model.train()
+    n_items = sum(b.n_loss_tokens for b in micro)
     total = torch.zeros((), device=s.device)
     for batch in micro:
-        loss = _forward(s, batch.to(s.device)) / len(micro)
+        loss = _forward(s, batch.to(s.device), n_items)
         scaler.scale(loss).backward()
         total += loss.detach().float()
     return total
 
 
-def apply_update(
-    s: Setup, scaler: torch.amp.GradScaler, before: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clip, step and measure; returns (grad_norm, update_norm, param_norm) as device scalars."""
+def apply_update(s: Setup, scaler: torch.amp.GradScaler) -> list[torch.Tensor]:
+    """Clip, step and measure: [grad_norm, update_norm, param_norm, update_cos, grad_alignment] on the device.
+
+    With fp16 an overflowing step is skipped by the scaler (its gradient norm is not finite, the update 0).
+    """
     scaler.unscale_(s.optimizer)
-    grads = [p.grad for p in s.params if p.grad is not None]
+    grad_norm, alignment = s.meter.before_step()
     if s.cfg.max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.cfg.max_grad_norm, foreach=True)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    torch._foreach_copy_(before, s.weights)
+        torch.nn.utils.clip_grads_with_norm_(s.params, s.cfg.max_grad_norm, grad_norm, foreach=True)
     scaler.step(s.optimizer)
     scaler.update()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    # before <- before - after: the update, in place (no new allocations); its norm is ‖θ_after − θ_before‖.
-    torch._foreach_sub_(before, s.weights)
-    update_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(before)))
-    param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(s.weights)))
-    return grad_norm.float(), update_norm, param_norm
+    update_norm, param_norm, update_cos = s.meter.after_step()
+    return [grad_norm.float(), update_norm, param_norm, update_cos, alignment]
 
 
 @torch.no_grad()
 def evaluate(s: Setup) -> torch.Tensor | None:
-    """Mean eval loss over the held-out set, left on the device."""
+    """Eval loss over the held-out set, the mean over all its loss tokens, left on the device."""
     if not s.eval_set:
         return None
     s.model.eval()
-    losses = torch.stack([_forward(s, b.to(s.device)).float() for b in s.eval_set])
-    return losses.mean()
+    n_items = sum(b.n_loss_tokens for b in s.eval_set)
+    return torch.stack([_forward(s, b.to(s.device), n_items).float() for b in s.eval_set]).sum()
 
 
 # --- recording -----------------------------------------------------------------------------------------
@@ -207,6 +220,7 @@ def evaluate(s: Setup) -> torch.Tensor | None:
 
 HostFields = tuple[int, float, int, int, float, float, float]  # step, epoch, samples, tokens, lr, wall, dt
 StepRow = tuple[Any, ...]  # (step, *STEP_COLUMNS)
+DEVICE_VALUES = 6  # per step: loss, grad_norm, update_norm, param_norm, update_cos, grad_alignment
 EvalRow = tuple[int, float | None, float]  # (step, eval_loss, wall_time)
 
 
@@ -219,6 +233,8 @@ class _Copy:
     values: torch.Tensor
     eval_values: torch.Tensor | None
     event: torch.cuda.Event | None
+    scaled: bool
+    """Whether fp16 loss scaling was on: a non-finite gradient then means a skipped step, not a broken run."""
 
     def landed(self) -> bool:
         return self.event is None or self.event.query()
@@ -227,13 +243,14 @@ class _Copy:
         if self.event is not None:
             self.event.synchronize()  # only waits when asked for rows that have not landed (the run's end)
         rows = []
-        for (step, epoch, samples, tokens, lr, wall, dt), (loss, gn, un, pn) in zip(
+        for (step, epoch, samples, tokens, lr, wall, dt), (loss, gn, un, pn, cos, align) in zip(
             self.host, self.values.tolist(), strict=True
         ):
             update_ratio = un / pn if pn > 0 else None
             step_scale = un / (lr * gn) if lr > 0 and gn > 0 and math.isfinite(gn) else None
+            skipped = self.scaled and not math.isfinite(gn)  # the fp16 scaler skipped this update
             rows.append((step, epoch, samples, tokens, _finite(loss), lr, _finite(gn), _finite(un), _finite(pn),
-                         update_ratio, step_scale, wall, dt))  # fmt: skip
+                         update_ratio, step_scale, wall, dt, _finite(cos), _finite(align), int(skipped)))  # fmt: skip
         eval_values = self.eval_values.tolist() if self.eval_values is not None else []
         evals = [(step, _finite(v), wall) for (step, wall), v in zip(self.evals, eval_values, strict=True)]
         return rows, evals
@@ -248,9 +265,10 @@ class StepBuffer:
     is copied to pinned host memory asynchronously, and a CUDA event tells later steps when it landed.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, scaled: bool = False) -> None:
         self.device = device
-        self.values = torch.zeros((FLUSH_STEPS, 4), device=device)
+        self.scaled = scaled
+        self.values = torch.zeros((FLUSH_STEPS, DEVICE_VALUES), device=device)
         self.host: list[HostFields] = []
         self.evals: list[tuple[int, torch.Tensor, float]] = []
         self.in_flight: list[_Copy] = []
@@ -277,7 +295,7 @@ class StepBuffer:
         else:
             values = values.clone()
         meta = [(step, wall) for step, _, wall in self.evals]
-        self.in_flight.append(_Copy(self.host, meta, values, evals, event))
+        self.in_flight.append(_Copy(self.host, meta, values, evals, event, self.scaled))
         self.host, self.evals, self.last_copy = [], [], time.monotonic()
 
     def arrived(self, wait: bool = False) -> Iterator[tuple[list[StepRow], list[EvalRow]]]:
@@ -298,46 +316,82 @@ def _finite(x: float) -> float | None:
 
 
 class DivergenceGuard:
-    """Non-finite loss or gradient, or a smoothed loss above 4× its best (the analysis' range-test rule)."""
+    """Stops a run that cannot recover, and only such a run.
 
-    def __init__(self) -> None:
-        self.smoothed = RangeTestStop()
+    A train run diverged when its loss is no longer finite, or when its smoothed loss (EMA 0.9, about
+    ten steps) rose far above where the run started: `DIVERGED_LOSS_FACTOR` times the first step's loss
+    and at least `DIVERGED_MIN_RISE` above it (the analysis' rule). A run near zero loss that meets one
+    noisy batch stays far below that. With fp16 an overflowing step is skipped, not fatal: only
+    `FP16_MAX_SKIPS_IN_A_ROW` of them in a row (the loss scale has then halved that often, so the
+    gradients overflow at any scale) ends the run. An LR range test stops as fastai's does, once its
+    smoothed loss passes 4x its best: it blows up by design.
+    """
+
+    def __init__(self, kind: str = "train") -> None:
+        self.range_stop = RangeTestStop() if kind == "lr_range_test" else None
+        self.ema = DebiasedEma(DIVERGENCE_SMOOTHING)
+        self.start: float | None = None
         self.best_raw = math.inf
+        self.skips_in_a_row = 0
 
-    def check(self, step: int, loss: float | None, grad_norm: float | None) -> str | None:
+    def check(self, step: int, loss: float | None, grad_norm: float | None, skipped: bool = False) -> str | None:
         if loss is None:
             return f"loss became non-finite at step {step}"
-        if grad_norm is None:
+        if skipped:
+            self.skips_in_a_row += 1
+            if self.skips_in_a_row >= FP16_MAX_SKIPS_IN_A_ROW:
+                n = self.skips_in_a_row
+                return f"the fp16 loss scale underflowed: {n} overflowing steps in a row by step {step}"
+        elif grad_norm is None:
             return f"gradient norm became non-finite at step {step}"
+        else:
+            self.skips_in_a_row = 0
         self.best_raw = min(self.best_raw, loss)
-        if self.smoothed.update(loss):
-            s = self.smoothed
-            return f"smoothed loss {s.smoothed:.4g} rose above {s.factor:g}× its best ({s.best:.4g}) at step {step}"
+        if self.range_stop is not None:
+            if self.range_stop.update(loss):
+                r = self.range_stop
+                return f"smoothed loss {r.smoothed:.4g} rose above {r.factor:g}× its best ({r.best:.4g}) at step {step}"
+            return None
+        if self.start is None:
+            self.start = loss
+        smoothed = self.ema.update(loss)
+        if diverged_loss(smoothed, self.start):
+            return (
+                f"smoothed loss {smoothed:.4g} rose above {DIVERGED_LOSS_FACTOR:g}× where the run started "
+                f"({self.start:.4g}) at step {step}"
+            )
         return None
 
 
 class History:
-    """Host copies of the columns the end-of-run analysis reads (8 bytes per value per step)."""
+    """Host copies of the columns the end-of-run analysis reads (8 bytes per value per step), and the evals."""
 
-    COLUMNS = {"loss": 4, "lr": 5, "grad_norm": 6, "update_ratio": 9, "step_scale": 10}  # positions in a step row
+    COLUMNS = {  # positions in a step row
+        "loss": 4, "lr": 5, "grad_norm": 6, "update_ratio": 9, "step_scale": 10, "update_cos": 13,
+        "grad_alignment": 14,
+    }  # fmt: skip
 
     def __init__(self) -> None:
         self.steps: array[int] = array("q")
         self.series: dict[str, array[float]] = {c: array("d") for c in self.COLUMNS}
+        self.evals: list[tuple[int, float | None]] = []
 
-    def extend(self, rows: list[tuple[Any, ...]]) -> None:
+    def extend(self, rows: list[tuple[Any, ...]], evals: Sequence[EvalRow] = ()) -> None:
         for row in rows:
             self.steps.append(row[0])
             for name, i in self.COLUMNS.items():
                 self.series[name].append(math.nan if row[i] is None else row[i])
+        self.evals += [(step, loss) for step, loss, _ in evals]
 
     def summary(self, status: str, kind: str) -> dict[str, Any]:
         series = {k: [None if math.isnan(v) else v for v in col] for k, col in self.series.items()}
-        result = summarize_run(list(self.steps), series, status=status)
+        evals = ([step for step, _ in self.evals], [loss for _, loss in self.evals])
+        result = summarize_run(list(self.steps), series, status=status, evals=evals)
         if kind == "lr_range_test":
             result["range_test"] = suggestion = lr_range_suggestions(list(self.series["lr"]), list(self.series["loss"]))
             # A verdict judges one constant rate; a range test sweeps them all and blows up by design.
             result["verdict"] = None
+            result["next_lr"] = suggestion["suggested_lr"]
             lr = suggestion["suggested_lr"]
             result["reason"] = (
                 f"LR range test: suggested learning rate {lr:.3g}." if lr else "LR range test: too short."
@@ -354,14 +408,14 @@ def record(
     """
     problem = None
     for i, row in enumerate(rows):
-        reason = guard.check(row[0], row[4], row[6])
+        reason = guard.check(row[0], row[4], row[6], skipped=bool(row[15]))
         if reason:
             problem, rows = (reason, row[0]), rows[: i + 1]
             evals = [e for e in evals if e[0] <= row[0]]
             break
     recorder.steps(rows)
     recorder.evals(evals)
-    history.extend(rows)
+    history.extend(rows, evals)
     if rows:
         summary: dict[str, Any] = {"steps_done": rows[-1][0], "last_loss": rows[-1][4]}
         if math.isfinite(guard.best_raw):
@@ -380,8 +434,7 @@ def record(
 def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, history: History | None = None) -> Outcome:
     cfg = s.cfg
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16)
-    before = [p.detach().clone() for p in s.params]
-    buffer, guard = StepBuffer(s.device), DivergenceGuard()
+    buffer, guard = StepBuffer(s.device, scaled=scaler.is_enabled()), DivergenceGuard(cfg.kind)
     history = history if history is not None else History()
     samples = tokens = 0
     start = last = time.perf_counter()
@@ -392,13 +445,13 @@ def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, hist
 
         # forward/backward, then update (all on the device)
         loss = forward_backward(s, micro, scaler)
-        grad_norm, update_norm, param_norm = apply_update(s, scaler, before)
+        measured = apply_update(s, scaler)
 
         # record: host-side counters and device scalars; no .item() here, it would sync the GPU each step
         samples += sum(b.n_samples for b in micro)
         tokens += sum(b.n_tokens for b in micro)
         now = time.perf_counter()
-        buffer.add([loss, grad_norm, update_norm, param_norm],
+        buffer.add([loss, *measured],
                    (step, step / s.updates_per_epoch, samples, tokens, lr, now - start, now - last))  # fmt: skip
         last = now
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == s.total_steps:

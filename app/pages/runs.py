@@ -28,6 +28,9 @@ ANALYSIS_LABELS = [
     ("median_step_scale", "Median ‖Δw‖/(lr·‖g‖)"),
     ("spike_count", "Loss spikes"),
     ("grad_spike_count", "Gradient-norm spikes"),
+    ("grad_alignment_mean", "Mean gradient alignment (last ⅔)"),
+    ("update_cos_mean", "Mean update cosine (last ⅔)"),
+    ("final_eval_loss", "Final eval loss (smoothed)"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,10 +18,20 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from analysis.smoothing import DebiasedEma, ema_smooth
 from app.deps import MAX_ID, DbDep, EngineDep, RunId
 from app.security import TokenDep
 from app.services import NotFound
-from store.metrics import METRIC_KEYS, UnknownKeys, compare_json, iter_csv, metrics_json, new_rows, parse_keys
+from store.metrics import (
+    METRIC_KEYS,
+    UnknownKeys,
+    compare_json,
+    iter_csv,
+    metrics_json,
+    new_rows,
+    parse_keys,
+    read_metrics,
+)
 from store.tables import FINISHED, Run, RunPublic
 
 router = APIRouter(prefix="/api", tags=["metrics"], dependencies=[TokenDep])
@@ -40,11 +51,25 @@ MaxPointsQuery = Annotated[
 ]
 
 
+SmoothingQuery = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        lt=1,
+        description="Also answer `smoothed`: each series' debiased EMA with this weight, run over every recorded "
+        "step and read at the steps answered (so a downsampled curve is smoothed exactly as the full one), and "
+        "`smoothing_state`: per series [EMA sum, values folded in] at the last step, to continue it on new rows",
+    ),
+]
+
+
 class MetricsPublic(BaseModel):
     run_id: int
     steps: list[int]
     series: dict[str, list[float | None]]
     downsampled: bool
+    smoothed: dict[str, list[float | None]] | None = None
+    smoothing_state: dict[str, list[float]] | None = None
 
 
 class CompareRun(BaseModel):
@@ -56,6 +81,8 @@ class CompareRun(BaseModel):
     steps: list[int]
     series: dict[str, list[float | None]]
     downsampled: bool
+    smoothed: dict[str, list[float | None]] | None = None
+    smoothing_state: dict[str, list[float]] | None = None
 
 
 class ComparePublic(BaseModel):
@@ -77,6 +104,24 @@ def _keys(raw: str | None) -> list[str]:
         raise _invalid("query", "keys", str(exc)) from None
 
 
+def with_smoothing(
+    db: sqlite3.Connection, run_id: int, body: dict[str, Any], keys: list[str], weight: float
+) -> dict[str, Any]:
+    """Add to one run's answer each series smoothed over every recorded step (not over the answered points)
+    at the answered steps, and the EMA's state at the last recorded step."""
+    full = read_metrics(db, run_id, keys)
+    smoothed, state = {}, {}
+    for key in keys:
+        ema, by_step = DebiasedEma(weight), {}
+        values = ema_smooth(full.series[key], weight)  # the dashboard's rule, a constant series included
+        for step, raw, value in zip(full.steps, full.series[key], values, strict=True):
+            ema.update(raw)
+            by_step[step] = value if math.isfinite(value) else None
+        smoothed[key] = [by_step.get(step) for step in body["steps"]]
+        state[key] = [ema.last, ema.count]
+    return {**body, "smoothed": smoothed, "smoothing_state": state}
+
+
 def _require_run(db: sqlite3.Connection, run_id: int) -> None:
     if db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
         raise NotFound(f"no run with id {run_id}")
@@ -89,12 +134,16 @@ def run_metrics(
     keys: KeysQuery = None,
     since_step: Annotated[int | None, Query(ge=-1, le=MAX_ID, description="Only steps after this one")] = None,
     max_points: MaxPointsQuery = None,
+    smoothing: SmoothingQuery = None,
 ) -> Response:
     """A run's series aligned on `steps` (null where a value was not recorded). Every step unless
     `max_points` is given; then `downsampled` says whether points were dropped (never a spike)."""
     metric_keys = _keys(keys)
     _require_run(db, run_id)
-    return Response(metrics_json(db, run_id, metric_keys, since_step, max_points), media_type="application/json")
+    body = metrics_json(db, run_id, metric_keys, since_step, max_points)
+    if smoothing is not None:
+        body = json.dumps(with_smoothing(db, run_id, json.loads(body), metric_keys, smoothing), allow_nan=False)
+    return Response(body, media_type="application/json")
 
 
 @router.get(
@@ -125,6 +174,7 @@ def compare(
     ids: Annotated[str, Query(max_length=2000, description="Comma-separated run ids, e.g. 1,2,3")],
     keys: KeysQuery = None,
     max_points: MaxPointsQuery = None,
+    smoothing: SmoothingQuery = None,
 ) -> Response:
     """The series of several runs in one answer, each with its name, learning rate and status."""
     run_ids: list[int] = []
@@ -143,6 +193,10 @@ def compare(
         body = compare_json(db, run_ids, metric_keys, max_points)
     except LookupError as exc:
         raise NotFound(str(exc)) from None
+    if smoothing is not None:
+        answer = json.loads(body)
+        answer["runs"] = [with_smoothing(db, run["id"], run, metric_keys, smoothing) for run in answer["runs"]]
+        body = json.dumps(answer, allow_nan=False)
     return Response(body, media_type="application/json")
 
 

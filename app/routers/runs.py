@@ -17,7 +17,7 @@ from analysis.runs import summarize_run
 from app.deps import MAX_ID, DbDep, RunId, SessionDep, SettingsDep
 from app.security import TokenDep
 from app.services import NotFound, cancel_run, create_run, delete_run, runs_filter
-from store.metrics import read_metrics
+from store.metrics import EVAL_KEY, read_metrics
 from store.tables import FINISHED, Run, RunPublic, RunStatus
 from trainer.config import TrainConfig
 
@@ -37,7 +37,8 @@ class RunsPublic(SQLModel):
 
 
 class RangeTestSuggestions(BaseModel):
-    """An lr range test's suggested rates (`analysis.range_test.lr_range_suggestions`); indices count recorded steps from 0."""
+    """An lr range test's suggested rates (`analysis.range_test.lr_range_suggestions`); indices count recorded
+    steps from 0."""
 
     model_config = ConfigDict(extra="allow")
     suggested_lr: float | None = Field(None, description="The valley rule's rate (else the steepest rule's)")
@@ -53,6 +54,9 @@ class RangeTestSuggestions(BaseModel):
     skip_start: int | None = Field(None, description="Leading steps left out of the suggestions")
 
 
+Verdict = Literal["ok", "too_low", "too_high", "diverged", "inconclusive"]
+
+
 class RunSummary(BaseModel):
     """A run's scores and learning-rate verdict (`analysis.runs.summarize_run`); the key scores are listed,
     the rest (rise_fraction, spike_steps, trend_*, ...) come along as further members."""
@@ -61,10 +65,22 @@ class RunSummary(BaseModel):
     run_id: int
     status: RunStatus
     live: bool = Field(description="True while the run is going: computed now from the steps recorded so far")
-    verdict: Literal["ok", "too_low", "too_high", "diverged"] | None = Field(
-        None, description="What the loss says about the learning rate (null: too few steps to tell)"
+    verdict: Verdict | None = Field(
+        None, description="What the run says about the learning rate (null: too few steps to tell)"
     )
     reason: str = Field("", description="The verdict's reasons, in one sentence with the numbers")
+    next_lrs: list[float] = Field(default_factory=list, description="The rates to try next, the most likely first")
+    verdict_basis: Literal["run", "sweep"] = Field(
+        "run", description="'sweep': judged against the other rates of its sweep; 'run': on its own steps' evidence"
+    )
+    solo_verdict: Verdict | None = Field(None, description="The verdict on the run's own steps' evidence")
+    solo_reason: str | None = None
+    grad_alignment_mean: float | None = Field(
+        None, description="Mean cos(g_t, θ_{t−1} − θ_t) over the last two thirds: > 0 steps too short, < 0 overshot"
+    )
+    grad_alignment_t: float | None = Field(None, description="That mean in standard errors from zero")
+    update_cos_mean: float | None = Field(None, description="Mean cos(Δθ_t, Δθ_{t−1}) over the last two thirds")
+    final_eval_loss: float | None = Field(None, description="Smoothed eval loss at the last eval")
     n_steps: int | None = None
     final_loss: float | None = Field(None, description="Smoothed loss at the last step")
     best_loss: float | None = Field(None, description="Lowest smoothed loss")
@@ -78,7 +94,7 @@ class RunSummary(BaseModel):
     range_test: RangeTestSuggestions | None = Field(None, description="An lr range test's suggested rates")
 
 
-SUMMARY_KEYS = ("loss", "lr", "grad_norm", "update_ratio", "step_scale")  # what the analysis reads
+SUMMARY_KEYS = ("loss", "lr", "grad_norm", "update_ratio", "step_scale", "grad_alignment", "update_cos")
 
 
 def run_summary(db: sqlite3.Connection, run: Run) -> tuple[dict[str, Any], bool]:
@@ -89,7 +105,13 @@ def run_summary(db: sqlite3.Connection, run: Run) -> tuple[dict[str, Any], bool]
     if finished and run.summary is not None:
         return run.summary, False
     metrics = read_metrics(db, run.id, SUMMARY_KEYS)
-    summary = summarize_run(metrics.steps, metrics.series, status=run.status.value if finished else None)
+    evals = read_metrics(db, run.id, [EVAL_KEY])
+    summary = summarize_run(
+        metrics.steps,
+        metrics.series,
+        status=run.status.value if finished else None,
+        evals=(evals.steps, evals.series[EVAL_KEY]),
+    )
     if run.kind == "lr_range_test":
         pairs = [(lr, loss) for lr, loss in zip(metrics.series["lr"], metrics.series["loss"], strict=True) if lr]
         summary["range_test"] = lr_range_suggestions([lr for lr, _ in pairs], [loss for _, loss in pairs])
@@ -143,8 +165,9 @@ CSV_RUN_COLUMNS = (
     "id", "name", "kind", "status", "model", "dataset", "learning_rate", "batch_size", "optimizer", "steps_done",
 )  # fmt: skip
 CSV_SCORE_COLUMNS = (
-    "final_loss", "best_loss", "t90", "auc_norm", "sign_change_rate", "tv_ratio", "spike_count",
-    "median_update_ratio", "median_step_scale", "verdict", "reason",
+    "final_loss", "best_loss", "final_eval_loss", "t90", "auc_norm", "sign_change_rate", "tv_ratio", "spike_count",
+    "median_update_ratio", "median_step_scale", "grad_alignment_mean", "update_cos_mean", "verdict", "reason",
+    "next_lrs",
 )  # fmt: skip
 
 
@@ -176,8 +199,10 @@ def runs_csv(
     writer.writerow((*CSV_RUN_COLUMNS, *CSV_SCORE_COLUMNS))
     for run in session.exec(select(Run).where(*filters).order_by(*order)):
         summary = run_summary(db, run)[0] if run.summary is not None or run.status == RunStatus.running else {}
+        summary = {**summary, **judged_in_sweep(summary)}
         values = [getattr(run, c) for c in CSV_RUN_COLUMNS]
-        writer.writerow([*values, *(summary.get(c) for c in CSV_SCORE_COLUMNS)])
+        scores = (summary.get(c) for c in CSV_SCORE_COLUMNS)
+        writer.writerow([*values, *(" ".join(map(str, v)) if isinstance(v, list) else v for v in scores)])
     headers = {"Content-Disposition": 'attachment; filename="runs.csv"'}
     return CSVResponse(buffer.getvalue(), headers=headers)
 
@@ -194,7 +219,23 @@ def read_summary(run_id: RunId, session: SessionDep, db: DbDep) -> dict[str, Any
     holds its suggested rates (`range_test`)."""
     run = get_run(session, run_id)
     summary, live = run_summary(db, run)
-    return {**summary, "run_id": run_id, "status": run.status, "live": live}
+    return {**summary, **judged_in_sweep(summary), "run_id": run_id, "status": run.status, "live": live}
+
+
+def judged_in_sweep(summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's verdict against its sweep's other rates, where one was stored (`app.services.judge_sweep`),
+    with its own verdict beside it; nothing where the run was judged alone."""
+    compared = summary.get("comparative")
+    if not compared:
+        return {}
+    return {
+        "verdict": compared["verdict"],
+        "reason": compared["reason"],
+        "next_lrs": compared["next_lrs"],
+        "verdict_basis": "sweep",
+        "solo_verdict": summary.get("verdict"),
+        "solo_reason": summary.get("reason"),
+    }
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)

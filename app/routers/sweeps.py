@@ -12,7 +12,7 @@ from sqlmodel import SQLModel, col, select
 
 from analysis.sweeps import summarize_sweep
 from app.deps import MAX_ID, DbDep, SessionDep
-from app.routers.runs import run_summary
+from app.routers.runs import Verdict, run_summary
 from app.security import TokenDep
 from app.services import MAX_SWEEP_RUNS, NotFound, cancel_sweep, create_sweep, log_spaced, sweep_runs
 from store.tables import RunPublic, RunStatus, Sweep, SweepBase
@@ -83,9 +83,15 @@ class RankedRun(BaseModel):
     id: int
     learning_rate: float
     status: RunStatus | None
-    final_loss: float | None = Field(description="Smoothed loss at the run's last step")
-    verdict: str | None
-    rank: int = Field(description="1 is the lowest final loss; runs without one, and diverged runs, rank last")
+    final_loss: float | None = Field(description="Smoothed training loss at the run's last step")
+    final_eval_loss: float | None = Field(None, description="Smoothed eval loss at the run's last eval")
+    rank_loss: float | None = Field(None, description="The loss it was ranked by (null: not compared)")
+    verdict: Verdict | None = Field(description="Judged against the best rate (its own verdict if not compared)")
+    reason: str | None = Field(None, description="The verdict's reason, citing the comparison")
+    solo_verdict: Verdict | None = Field(None, description="The run's verdict on its own steps' evidence")
+    solo_reason: str | None = None
+    next_lrs: list[float] = Field(default_factory=list, description="The rates to try next, the most likely first")
+    rank: int = Field(description="1 is the lowest final loss; runs not compared, then diverged runs, rank last")
 
 
 class SweepSummary(BaseModel):
@@ -94,14 +100,16 @@ class SweepSummary(BaseModel):
     sweep_id: int
     live: bool = Field(description="True while some runs are going: their scores are computed from their steps so far")
     ranking: list[RankedRun]
-    recommended_lr: float | None = Field(
-        description="The lowest final loss among completed runs that neither overshot nor diverged"
+    rank_metric: Literal["eval_loss", "loss"] = Field(
+        description="What the runs were ranked by: the eval loss when every compared run has one, else the loss"
     )
+    recommended_lr: float | None = Field(description="The rate of the completed run with the lowest final loss")
     recommended_run_id: int | None
-    ok_range: list[float] | None = Field(description="[lowest, highest] rate of the completed runs judged ok")
+    ok_range: list[float] | None = Field(description="[lowest, highest] rate of the runs as good as the best")
     edge: Literal["high", "low"] | None = Field(
         description="The recommended rate is the highest or lowest tried: the best may lie beyond it"
     )
+    next_lrs: list[float] = Field(default_factory=list, description="At an edge: the rates to try beyond it")
     sentence: str = Field(description="The recommendation in words")
 
 
@@ -145,9 +153,9 @@ def cancel(sweep_id: SweepId, session: SessionDep) -> SweepPublic:
 
 @router.get("/{sweep_id}/summary", response_model=SweepSummary)
 def read_summary(sweep_id: SweepId, session: SessionDep, db: DbDep) -> dict[str, Any]:
-    """Rank the sweep's runs by smoothed final loss and recommend a learning rate. Finished runs count with
-    the analysis stored when they ended; runs still going with scores computed now (`live`), though only
-    completed runs can be recommended."""
+    """Rank the sweep's runs by final loss (eval loss where they have it), judge each rate against the best,
+    and recommend one. Finished runs count with the analysis stored when they ended; runs still going with
+    scores computed now (`live`), though only completed runs are compared and recommended."""
     if session.get(Sweep, sweep_id) is None:
         raise NotFound(f"no sweep with id {sweep_id}")
     entries, live = [], False

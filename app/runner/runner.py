@@ -26,6 +26,7 @@ from typing import IO, Any
 from sqlalchemy import Engine, func, update
 from sqlmodel import Session, col, select
 
+from app import services
 from app.config import Settings
 from app.runner import gpus as gpu_choice
 from app.runner.processes import Job, exit_reason, job_command, stderr_tail
@@ -140,6 +141,9 @@ class JobRunner:
             self.jobs.pop(job.run_id)
             job.close_files()
             self._settle(job, None, exit_reason(code if job.proc is not None else None))
+            if run is not None and run.sweep_id is not None:  # judge its rate against its siblings'
+                with Session(self.engine) as session:
+                    services.judge_sweep(session, run.sweep_id)
         elif run is None:  # deleted or finished while the process lingers (it is saving): nothing to do
             return
         elif job.kill_at is not None and time.monotonic() >= job.kill_at:

@@ -258,34 +258,60 @@ def test_a_long_noisy_healthy_run_is_ok() -> None:
 # --- sweeps ----------------------------------------------------------------------------------------
 
 
-def _sweep_run(run_id: int, lr: float, final: float | None, verdict: str | None, status: str = "completed") -> dict:
-    summary = None if final is None and verdict is None else {"final_loss": final, "verdict": verdict}
+def _sweep_run(
+    run_id: int, lr: float, final: float | None, verdict: str | None, status: str = "completed", **more: float
+) -> dict:
+    summary = None if final is None and verdict is None else {"final_loss": final, "verdict": verdict, **more}
     return {"id": run_id, "learning_rate": lr, "status": status, "summary": summary}
 
 
-def test_sweep_recommends_the_best_run_that_neither_overshot_nor_diverged() -> None:
+def test_sweep_judges_each_rate_against_the_best_one() -> None:
+    # The rates' own verdicts (solo) are overruled by the comparison: 1e-3 has the lowest loss, so it is ok
+    # and recommended even though its own steps looked too large; the others lie on either side of it.
     runs = [
         _sweep_run(1, 1e-5, 2.0, "too_low"),
         _sweep_run(2, 1e-4, 1.3, "ok"),
         _sweep_run(3, 3e-4, 1.1, "ok"),
-        _sweep_run(4, 1e-3, 1.0, "too_high"),  # lowest loss, but it overshoots
-        _sweep_run(5, 1e-2, None, "diverged", status="diverged"),
+        _sweep_run(4, 1e-3, 1.0, "too_high"),
+        _sweep_run(5, 3e-3, 1.02, "too_high"),  # within 5% of the best: as good
+        _sweep_run(6, 1e-2, 1.6, "ok"),
+        _sweep_run(7, 1e-1, None, "diverged", status="diverged"),
     ]
     result = summarize_sweep(runs)
-    assert [r["id"] for r in result["ranking"]] == [4, 3, 2, 1, 5]
-    assert [r["rank"] for r in result["ranking"]] == [1, 2, 3, 4, 5]
-    assert result["ranking"][0] == {
-        "id": 4,
-        "learning_rate": 1e-3,
-        "status": "completed",
-        "final_loss": 1.0,
-        "verdict": "too_high",
-        "rank": 1,
-    }
-    assert result["recommended_lr"] == 3e-4 and result["recommended_run_id"] == 3
-    assert result["ok_range"] == [1e-4, 3e-4]
-    assert result["edge"] is None
-    assert "0.0003 (run 3)" in result["sentence"] and "0.0001 to 0.0003" in result["sentence"]
+    assert [r["id"] for r in result["ranking"]] == [4, 5, 3, 2, 6, 1, 7]
+    assert [r["rank"] for r in result["ranking"]] == [1, 2, 3, 4, 5, 6, 7]
+    verdicts = {r["learning_rate"]: r["verdict"] for r in result["ranking"]}
+    assert verdicts == {1e-5: "too_low", 1e-4: "too_low", 3e-4: "too_low", 1e-3: "ok", 3e-3: "ok",
+                        1e-2: "too_high", 1e-1: "diverged"}  # fmt: skip
+    best = result["ranking"][0]
+    assert best["solo_verdict"] == "too_high" and best["rank_loss"] == 1.0 and best["next_lrs"] == [1e-3]
+    low = next(r for r in result["ranking"] if r["id"] == 1)
+    assert low["reason"] == "Smoothed loss 2 against 1 at lr 0.001, the best here: the step size is too small."
+    assert low["next_lrs"][0] == 1e-3
+    assert result["recommended_lr"] == 1e-3 and result["recommended_run_id"] == 4
+    assert result["ok_range"] == [1e-3, 3e-3] and result["rank_metric"] == "loss"
+    assert result["edge"] is None and result["next_lrs"] == []
+    assert "0.001 (run 4)" in result["sentence"] and "0.001 to 0.003" in result["sentence"]
+
+
+def test_the_noise_band_comes_from_the_runs_own_spread() -> None:
+    # Standard errors of 10% of each final loss: 1.3 against 1.0 is within 2 * hypot(0.13, 0.1) = 0.33.
+    noisy = [_sweep_run(1, 1e-4, 1.3, "ok", final_loss_se=0.13), _sweep_run(2, 1e-3, 1.0, "ok", final_loss_se=0.1)]
+    assert [r["verdict"] for r in summarize_sweep(noisy)["ranking"]] == ["ok", "ok"]
+    quiet = [_sweep_run(1, 1e-4, 1.3, "ok", final_loss_se=0.01), _sweep_run(2, 1e-3, 1.0, "ok", final_loss_se=0.01)]
+    assert [r["verdict"] for r in summarize_sweep(quiet)["ranking"]] == ["ok", "too_low"]
+
+
+def test_sweep_ranks_by_eval_loss_when_every_run_has_one() -> None:
+    runs = [
+        _sweep_run(1, 1e-4, 1.0, "ok", final_eval_loss=1.5),
+        _sweep_run(2, 1e-3, 1.2, "ok", final_eval_loss=1.1),
+    ]
+    result = summarize_sweep(runs)
+    assert result["rank_metric"] == "eval_loss" and result["recommended_lr"] == 1e-3
+    assert result["ranking"][1]["reason"].startswith("Eval loss 1.5 against 1.1 at lr 0.001")
+    runs[0]["summary"]["final_eval_loss"] = None  # one without: all by the training loss
+    assert summarize_sweep(runs)["recommended_lr"] == 1e-4
 
 
 def test_sweep_flags_a_recommendation_at_the_edge_and_skips_unfinished_runs() -> None:
@@ -298,18 +324,25 @@ def test_sweep_flags_a_recommendation_at_the_edge_and_skips_unfinished_runs() ->
     result = summarize_sweep(runs)
     assert result["recommended_run_id"] == 2
     assert result["ok_range"] == [1e-4, 1e-4]
-    assert [r["id"] for r in result["ranking"]] == [3, 2, 1, 4]
+    assert [r["id"] for r in result["ranking"]] == [2, 1, 3, 4]
+    assert next(r for r in result["ranking"] if r["id"] == 3)["verdict"] == "ok"  # its own verdict, not compared
     inside = summarize_sweep(runs[:2] + [_sweep_run(5, 1e-3, 1.9, "too_high")])
     assert inside["recommended_run_id"] == 2 and inside["edge"] is None
     high_edge = summarize_sweep(runs[:2])
     assert high_edge["edge"] == "high" and "a higher one may do better" in high_edge["sentence"]
-    low_edge = summarize_sweep([_sweep_run(1, 1e-5, 1.2, "ok"), _sweep_run(2, 1e-4, 1.0, "too_high")])
-    assert low_edge["recommended_run_id"] == 1
+    assert high_edge["next_lrs"] == [3.16e-4, 1e-3] and "try 0.000316 and 0.001" in high_edge["sentence"]
+    low_edge = summarize_sweep([_sweep_run(1, 1e-5, 1.0, "ok"), _sweep_run(2, 1e-4, 1.2, "too_high")])
+    assert low_edge["recommended_run_id"] == 1 and low_edge["next_lrs"] == [3.16e-6, 1e-6]
     assert low_edge["edge"] == "low" and "a lower one may do better" in low_edge["sentence"]
+    above_diverged = summarize_sweep(runs[:2] + [_sweep_run(6, 1e-3, None, "diverged", status="diverged")])
+    assert above_diverged["edge"] is None  # the rate above the best was tried: it diverged
 
 
-def test_sweep_where_everything_overshoots_suggests_going_lower() -> None:
-    runs = [_sweep_run(1, 1e-3, 1.5, "too_high"), _sweep_run(2, 1e-2, None, "diverged", status="diverged")]
+def test_sweep_where_everything_diverges_suggests_going_lower() -> None:
+    runs = [
+        _sweep_run(1, 1e-3, None, "diverged", status="diverged"),
+        _sweep_run(2, 1e-2, None, "diverged", status="diverged"),
+    ]
     result = summarize_sweep(runs)
     assert result["recommended_lr"] is None and result["ok_range"] is None
     assert "below 0.001" in result["sentence"]
@@ -340,8 +373,9 @@ def test_lr_range_suggestions_match_hand_computation() -> None:
     assert result["min_loss_index"] == 8 and result["min_loss_lr"] == pytest.approx(1e-2)
     assert result["steepest_index"] == 3 and result["steepest_lr"] == pytest.approx(10**-4.5)
     assert result["valley_index"] == 4 and result["valley_lr"] == pytest.approx(1e-4)
-    assert result["suggested_lr"] == pytest.approx(1e-4)
-    assert result["sweep_lrs"] == [1e-5, 3.16e-5, 1e-4, 3.16e-4, 1e-3]
+    # Suggested: a tenth of the minimum's rate (fastai's minimum rule), the sweep up to the minimum's rate.
+    assert result["suggested_lr"] == pytest.approx(1e-3)
+    assert result["sweep_lrs"] == [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2]
 
 
 def test_lr_range_default_skip_keeps_the_same_valley() -> None:
@@ -367,7 +401,7 @@ def test_lr_range_smoothing_and_non_finite_stop() -> None:
 def test_lr_range_without_a_descent_has_no_steepest_point() -> None:
     result = lr_range_suggestions([1e-4, 1e-3, 1e-2], [1.0, 1.1, 1.2], weight=0.0, skip_start=0)
     assert result["steepest_lr"] is None and result["min_loss_index"] == 0
-    assert result["valley_index"] == 0 and result["suggested_lr"] == 1e-4
+    assert result["valley_index"] == 0 and result["suggested_lr"] is None  # it never fell: no suggestion
     with pytest.raises(ValueError):
         lr_range_suggestions([0.0, 1e-3], [1.0, 0.9])
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import random
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from analysis.smoothing import ema_smooth
 from app.config import Settings
 from app.main import create_app
 from store.tables import STEP_COLUMNS
@@ -406,3 +409,30 @@ def test_public_server_lets_a_signed_in_browser_read_but_not_write(home, monkeyp
         assert client.post("/api/runs", json={"model": "tiny-random-llama"}).status_code == 401
         client.cookies.set(AUTH_COOKIE, auth_cookie_value("wrong"))
         assert client.get("/api/runs").status_code == 401
+
+
+def test_smoothing_runs_over_every_step_before_downsampling(client: TestClient, db: sqlite3.Connection) -> None:
+    run_id = client.post("/api/runs", json=TINY).json()["id"]
+    rng = random.Random(7)
+    losses = [2 + math.sin(t / 9) + rng.gauss(0, 0.3) for t in range(1, 1201)]
+    add_steps(db, run_id, losses, lrs=2e-4)
+    body = client.get(f"/api/runs/{run_id}/metrics", params={"keys": "loss", "max_points": 60, "smoothing": 0.8}).json()
+    full = ema_smooth(losses, 0.8)
+    assert body["downsampled"] and len(body["steps"]) < 200
+    assert body["smoothed"]["loss"] == pytest.approx([full[s - 1] for s in body["steps"]], rel=1e-12)
+    # ... which is not what smoothing the answered points themselves gives.
+    assert body["smoothed"]["loss"] != pytest.approx(ema_smooth(body["series"]["loss"], 0.8), rel=1e-3)
+    # The state continues the smoothing on rows that arrive later, as the dashboard does with live rows.
+    last, count = body["smoothing_state"]["loss"]
+    more = [1.5, 1.7, None, 1.2]
+    continued = []
+    for v in more:
+        if v is not None:
+            last, count = last * 0.8 + 0.2 * v, count + 1
+            continued.append(last / (1 - 0.8**count))
+    expected = [v for v in ema_smooth([*losses, *more], 0.8)[len(losses):] if v == v]
+    assert continued == pytest.approx(expected, rel=1e-12)
+    compared = client.get("/api/compare", params={"ids": str(run_id), "max_points": 60, "smoothing": 0.8}).json()
+    assert compared["runs"][0]["smoothed"] == body["smoothed"]
+    bad = client.get(f"/api/runs/{run_id}/metrics", params={"smoothing": 1.0})
+    assert bad.status_code == 422 and errors(bad) == {"query.smoothing": "Input should be less than 1"}

@@ -63,7 +63,10 @@ def test_a_finished_run_answers_its_stored_summary(client: TestClient, db: sqlit
     body = client.get(f"/api/runs/{run_id}/summary").json()
     assert body == {**stored, "run_id": run_id, "status": "completed", "live": False, "n_steps": None,
                     "best_loss": None, "auc_norm": None, "sign_change_rate": None, "tv_ratio": None,
-                    "median_update_ratio": None, "median_step_scale": None, "range_test": None}  # fmt: skip
+                    "median_update_ratio": None, "median_step_scale": None, "range_test": None,
+                    "next_lrs": [], "verdict_basis": "run", "solo_verdict": None, "solo_reason": None,
+                    "grad_alignment_mean": None, "grad_alignment_t": None, "update_cos_mean": None,
+                    "final_eval_loss": None}  # fmt: skip
     listed = client.get("/api/runs").json()["data"][0]
     assert listed["verdict"] == "too_low" and listed["summary"] == stored  # the scores in GET /api/runs
 
@@ -77,15 +80,15 @@ def test_a_running_run_is_summarised_live_from_its_rows(client: TestClient, db: 
     body = client.get(f"/api/runs/{run_id}/summary").json()
     steps = list(range(1, 61))
     expected = summarize_run(steps, {"loss": losses, "lr": [1e-3] * 60, "grad_norm": [2.0] * 60,
-                                     "update_ratio": [1e-3] * 60, "step_scale": [1.0] * 60})  # fmt: skip
+                                     "update_ratio": [1e-3] * 60, "step_scale": [1.0] * 60,
+                                     "update_cos": [0.5] * 60, "grad_alignment": [-0.1] * 60})  # fmt: skip
     assert body["live"] is True and body["status"] == "running" and body["run_id"] == run_id
     assert body["n_steps"] == 60 and body["final_loss"] == pytest.approx(expected["final_loss"])
     assert body["verdict"] == expected["verdict"] and body["reason"] == expected["reason"]
     assert body["median_update_ratio"] == 1e-3 and body["median_step_scale"] == 1.0
     assert "range_test" not in body or body["range_test"] is None
 
-    add_steps_after = [(run_id, 61, 6.1, 488, 6100, 0.9, 1e-3, 2.0, 2e-3, 3.0, 1e-3, 1.0, 6.1, 0.1)]
-    db.executemany(f"INSERT INTO step_metrics VALUES ({', '.join('?' * 14)})", add_steps_after)
+    add_steps(db, run_id, [0.9], first=61, rollups=False)
     assert client.get(f"/api/runs/{run_id}/summary").json()["n_steps"] == 61  # recomputed at each request
 
 
@@ -128,16 +131,20 @@ def test_sweep_summary_ranks_stored_and_live_runs(client: TestClient, db: sqlite
     set_run(db, mid, "completed", {"final_loss": 1.0, "verdict": "ok", "reason": "fine"})
     set_run(db, high, "completed", {"final_loss": 0.9, "verdict": "too_high", "reason": "bouncy"})
     set_run(db, going, "running")
-    add_steps(db, going, decaying(40, end=0.5))  # lowest loss, but still going: ranked, not recommended
+    add_steps(db, going, decaying(40, end=0.5))  # lowest loss, but still going: not compared yet
 
+    # The completed runs are judged against each other: the lowest loss (1e-2's) is the best, whatever its
+    # own steps said, and the others are too low beside it.
     summary = client.get("/api/sweeps/1/summary").json()
     assert summary["sweep_id"] == 1 and summary["live"] is True
-    assert summary["recommended_run_id"] == mid and summary["recommended_lr"] == 1e-3
-    assert summary["ok_range"] == [1e-3, 1e-3] and summary["edge"] is None
-    assert [e["id"] for e in summary["ranking"]] == [going, high, mid, low]
+    assert summary["recommended_run_id"] == high and summary["recommended_lr"] == 1e-2
+    assert summary["ok_range"] == [1e-2, 1e-2] and summary["edge"] == "high" and summary["next_lrs"] == [0.0316, 0.1]
+    assert [e["id"] for e in summary["ranking"]] == [high, mid, low, going]
     assert [e["rank"] for e in summary["ranking"]] == [1, 2, 3, 4]
-    assert summary["ranking"][0]["status"] == "running" and summary["ranking"][0]["final_loss"] < 0.6
-    assert summary["sentence"].startswith("Recommended learning rate 0.001 (run 2)")
+    assert [e["verdict"] for e in summary["ranking"][:3]] == ["ok", "too_low", "too_low"]
+    assert summary["ranking"][0]["solo_verdict"] == "too_high"
+    assert summary["ranking"][3]["status"] == "running" and summary["ranking"][3]["final_loss"] < 0.6
+    assert summary["sentence"].startswith("Recommended learning rate 0.01 (run 3)")
 
     set_run(db, going, "cancelled", {"final_loss": 0.5, "verdict": "ok"})
     assert client.get("/api/sweeps/1/summary").json()["live"] is False
@@ -165,8 +172,9 @@ def test_runs_csv_has_one_row_per_run_with_its_scores(client: TestClient, db: sq
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert list(rows[0]) == [
         "id", "name", "kind", "status", "model", "dataset", "learning_rate", "batch_size", "optimizer", "steps_done",
-        "final_loss", "best_loss", "t90", "auc_norm", "sign_change_rate", "tv_ratio", "spike_count",
-        "median_update_ratio", "median_step_scale", "verdict", "reason",
+        "final_loss", "best_loss", "final_eval_loss", "t90", "auc_norm", "sign_change_rate", "tv_ratio",
+        "spike_count", "median_update_ratio", "median_step_scale", "grad_alignment_mean", "update_cos_mean",
+        "verdict", "reason", "next_lrs",
     ]  # fmt: skip
     assert [r["id"] for r in rows] == [str(done), str(going), str(queued)]
     first = rows[0]

@@ -446,7 +446,9 @@ def test_a_finished_range_test_shows_its_chart_suggestion_and_sweep_button(clien
     section = soup.find("section", id="range-test")
     assert section is not None and section.find(id="chart-range") is not None
     assert "from 1e-7 to 1e0 over 100 steps" in text(section)
-    assert text(soup.find(id="range-suggestion")) == "Suggested learning rate: 3e-4 (valley 3e-4, steepest 1e-3)"
+    assert text(soup.find(id="range-suggestion")) == (
+        "Suggested learning rate: 3e-4 (a tenth of the minimum's 1e-2; valley 3e-4, steepest 1e-3)"
+    )
     form = soup.find("form", id="range-sweep-form")
     assert form is not None and not form.has_attr("hidden") and form["action"] == f"/runs/{run_id}/range-sweep"
     assert text(form.find("button")) == "Start a sweep of 5 rates around 3e-4"

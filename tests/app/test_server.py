@@ -24,7 +24,7 @@ from app.main import create_app
 from store.db import configure_sqlite
 from store.tables import STEP_COLUMNS
 from tests import conftest
-from tests.conftest import free_port
+from tests.conftest import free_port, step_row
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic", "eval_every": 0}
 
@@ -157,7 +157,7 @@ def test_events_deliver_a_new_step_within_a_second(settings: Settings) -> None:
         latencies = []
         for step in range(1, 4):
             written = time.monotonic()
-            conn.execute(insert, (run_id, step, 0.1, 8, 100, 2.0 / step, 1e-3, 1, 1, 1, 1, 1, step, 0.1))
+            conn.execute(insert, step_row(run_id, step, 2.0 / step))
             wait_for(lambda s=step: any(e.get("steps") == [s] for _, e in received), 5, f"step {step}")
             arrived = next(t for t, e in received if e.get("steps") == [step])
             latencies.append(arrived - written)

@@ -37,11 +37,13 @@ def insert_run(server: Server, name: str, lr: float, n_steps: int = 50) -> int:
         run_id = cursor.lastrowid
         assert run_id is not None
         rows = [
-            (run_id, s, s / 125, 8 * s, 80 * s, 2 + 2 / s, lr, 1.0, 50 * lr, 10.0, 5 * lr, 50.0, 0.1 * s, 0.1)
+            (run_id, s, s / 125, 8 * s, 80 * s, 2 + 2 / s, lr, 1.0, 50 * lr, 10.0, 5 * lr, 50.0, 0.1 * s, 0.1,
+             0.9, 0.1, 0)
             for s in range(1, n_steps + 1)
         ]
         columns = ", ".join(("run_id", "step", *STEP_COLUMNS))
-        conn.executemany(f"INSERT INTO step_metrics ({columns}) VALUES ({', '.join('?' * 14)})", rows)
+        marks = ", ".join("?" * (len(STEP_COLUMNS) + 2))
+        conn.executemany(f"INSERT INTO step_metrics ({columns}) VALUES ({marks})", rows)
     return run_id
 
 

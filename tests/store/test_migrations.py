@@ -70,9 +70,8 @@ def test_upgrade_backfills_the_rollups_of_recorded_steps(home: Path) -> None:
         v = rng.choice([0.5, 1.0, rng.gauss(1, 0.1), None])  # ties and NULLs
         return 0.0 if v is None and not StepMetric.__table__.columns[column].nullable else v  # type: ignore[attr-defined]
 
-    rows = [
-        (run_id, step, *map(value, STEP_COLUMNS)) for run_id, n in ((1, 1000), (2, 20_000)) for step in range(1, n + 1)
-    ]
+    columns = STEP_COLUMNS[: STEP_COLUMNS.index("step_time") + 1]  # the step columns as of revision 0003
+    rows = [(run_id, step, *map(value, columns)) for run_id, n in ((1, 1000), (2, 20_000)) for step in range(1, n + 1)]
     with sqlite3.connect(settings.db_path) as conn:
         for run_id in (1, 2):
             conn.execute(
@@ -81,8 +80,8 @@ def test_upgrade_backfills_the_rollups_of_recorded_steps(home: Path) -> None:
                 "'{}', '2026-01-01 00:00:00.000000', 0)",
                 (run_id,),
             )
-        marks = ", ".join("?" * (len(STEP_COLUMNS) + 2))
-        conn.executemany(f"INSERT INTO step_metrics (run_id, step, {', '.join(STEP_COLUMNS)}) VALUES ({marks})", rows)
+        marks = ", ".join("?" * (len(columns) + 2))
+        conn.executemany(f"INSERT INTO step_metrics (run_id, step, {', '.join(columns)}) VALUES ({marks})", rows)
 
     upgrade(settings.database_url)
     with sqlite3.connect(settings.db_path) as conn:
