@@ -56,17 +56,31 @@ def compare_page(
     wanted = parse_ids(ids or [])
     runs = session.exec(select(Run).where(col(Run.id).in_(wanted))).all() if wanted else []
     runs = sorted(runs, key=lambda r: (r.learning_rate, r.id or 0))
-    context = {"runs": runs, "rows": compare_rows(list(runs)), "sweep": None, "analysis": None}
-    return render(request, "compare.html", context)
+    analysis = sweep_analysis(list(runs)) if len({_budget(r) for r in runs}) == 1 else None
+    return render(request, "compare.html", _context(runs, None, analysis))
+
+
+def _budget(run: Run) -> tuple[Any, ...]:
+    """What runs must share for their learning rates to be judged against each other: model, data, optimizer
+    and step budget (batch, accumulation, steps)."""
+    c = run.config
+    return (run.model, run.dataset, run.optimizer, run.batch_size, c.get("grad_accum_steps"), run.total_steps)
 
 
 def sweep_analysis(runs: list[Run]) -> dict[str, Any] | None:
-    """The sweep's ranking and recommended rate, once some of its runs have their analysis."""
+    """The runs judged against each other and the recommended rate, once some of them have their analysis."""
     if not any(r.summary for r in runs):
         return None
     return summarize_sweep(
         [{"id": r.id, "learning_rate": r.learning_rate, "status": r.status, "summary": r.summary} for r in runs]
     )
+
+
+def _context(runs: list[Run], sweep: Sweep | None, analysis: dict[str, Any] | None) -> dict[str, Any]:
+    compared = [e for e in (analysis or {}).get("ranking", []) if e["rank_loss"] is not None]
+    # Judged against each other only where two or more runs could be compared; else each its own verdict.
+    verdicts = {e["id"]: (e["verdict"], e["reason"]) for e in compared} if len(compared) >= 2 else {}
+    return {"runs": runs, "rows": compare_rows(runs), "sweep": sweep, "analysis": analysis, "verdicts": verdicts}
 
 
 @router.get("/sweeps/{sweep_id}", response_class=HTMLResponse)
@@ -75,6 +89,4 @@ def sweep_page(request: Request, session: SessionDep, sweep_id: RunId) -> HTMLRe
     if sweep is None:
         return not_found(request, f"Sweep {sweep_id}")
     runs = session.exec(select(Run).where(Run.sweep_id == sweep_id).order_by(col(Run.learning_rate))).all()
-    analysis = sweep_analysis(list(runs))
-    context = {"runs": runs, "rows": compare_rows(list(runs)), "sweep": sweep, "analysis": analysis}
-    return render(request, "compare.html", context)
+    return render(request, "compare.html", _context(list(runs), sweep, sweep_analysis(list(runs))))

@@ -382,6 +382,25 @@ def test_compare_page_lists_the_chosen_runs_by_learning_rate(client: TestClient,
     assert [o["value"] for o in soup.select("#x-axis option")] == ["step", "epoch", "samples", "wall_time"]
 
 
+def test_compare_page_judges_comparable_runs_against_each_other(client: TestClient, engine: Engine) -> None:
+    # Stored verdicts from each run alone; on the page, runs of one model, data and budget are compared.
+    best = {"final_loss": 1.0, "verdict": "too_high", "reason": "alone"}
+    slow = {"final_loss": 2.0, "verdict": "ok", "reason": "alone"}
+    ids = add(
+        engine,
+        a_run(name="best", learning_rate=1e-3, summary=best, verdict="too_high", total_steps=100),
+        a_run(name="slow", learning_rate=1e-5, summary=slow, verdict="ok", total_steps=100),
+    )
+    soup = page(client, f"/compare?ids={ids[0]},{ids[1]}")
+    cells = {text(r.find("td")): r.select_one(".cell-verdict .verdict") for r in soup.select("#compare-table tbody tr")}
+    assert text(cells["best"]) == "lr ok" and text(cells["slow"]) == "lr too low"
+    assert "against 1 at lr 0.001" in cells["slow"]["title"]
+    assert text(soup.find(id="recommended-lr")).startswith("Recommended learning rate: 1e-3")
+    longer = add(engine, a_run(name="longer", learning_rate=1e-4, summary=slow, verdict="ok", total_steps=500))
+    mixed = page(client, f"/compare?ids={ids[0]},{longer[0]}")  # another step budget: each keeps its own
+    assert [text(c) for c in mixed.select(".cell-verdict .verdict")] == ["lr ok", "lr too high"]
+
+
 def test_compare_without_runs_explains(client: TestClient) -> None:
     soup = page(client, "/compare")
     assert "Tick some runs" in text(soup.find("section", class_="empty"))

@@ -57,8 +57,9 @@ def test_tiny_model_sweeps_find_the_too_small_best_and_too_large_rates(
 ) -> None:
     rates, flags = TINY_SWEEPS[optimizer]
     for lr in rates:
-        code = train("--optimizer", optimizer, "--learning-rate", str(lr), "--max-steps", "200", "--batch-size", "16",
-                     "--dataset", "synthetic-lookup", "--eval-every", "20", "--precision", precision, *flags)  # fmt: skip
+        code = train("--optimizer", optimizer, "--learning-rate", str(lr), "--max-steps", "200",
+                     "--batch-size", "16", "--dataset", "synthetic-lookup", "--eval-every", "20",
+                     "--precision", precision, *flags)  # fmt: skip
         assert code in (0, 2)  # completed, or diverged (a too-large rate may)
     check_sweep(summarize_sweep(_runs(home)), rates)
 
