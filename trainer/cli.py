@@ -16,7 +16,7 @@ from store.db import upgrade
 from store.settings import DataSettings
 from trainer.config import ConfigError, TrainConfig, field_help, load_config_file, make_config
 
-EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 2, "cancelled": 3}
+EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 2, "cancelled": 3, "interrupted": 4}
 
 
 def _flag(name: str) -> str:
@@ -89,8 +89,10 @@ def check_sources(cfg: TrainConfig, datasets_dir: Path) -> None:
 
 @contextmanager
 def stop_on_signals(stop: Any) -> Iterator[None]:
-    """SIGTERM (cancel from the server) and Ctrl-C finish the current step, then stop cleanly."""
-    previous = {sig: signal.signal(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)}
+    """SIGTERM (a user's cancel, through the server) and Ctrl-C finish the current step, then stop cleanly as
+    `cancelled`; SIGUSR1 (the server shutting down, app.runner) the same way as `interrupted`."""
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGUSR1: stop.interrupt}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield
     finally:

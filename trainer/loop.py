@@ -46,7 +46,7 @@ FP16_MAX_SKIPS_IN_A_ROW = 24
 
 @dataclass
 class Outcome:
-    status: str  # completed | diverged | cancelled
+    status: str  # completed | diverged | cancelled | interrupted
     steps: int
     error: str | None = None
     error_step: int | None = None
@@ -70,12 +70,19 @@ class Setup:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the current step, then stops cleanly."""
+    """Set by a signal; the loop finishes the current step, then stops cleanly. Why it stops decides how the run
+    ends: a user's cancel (SIGTERM, Ctrl-C) is `cancelled`, a server shutting down (SIGUSR1) `interrupted`."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self.outcome = "cancelled"
 
     def set(self, *_: object) -> None:
+        self._event.set()
+
+    def interrupt(self, *_: object) -> None:
+        if not self._event.is_set():
+            self.outcome = "interrupted"
         self._event.set()
 
     @property
@@ -472,7 +479,7 @@ def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, hist
             if problem:
                 return Outcome("diverged", problem[1], error=problem[0], error_step=problem[1])
         if stop.requested:
-            return Outcome("cancelled", step)
+            return Outcome(stop.outcome, step)
     return Outcome("completed", step)
 
 

@@ -73,7 +73,8 @@ class JobRunner:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop polling; SIGTERM every job, SIGKILL what is left after `timeout`; none stays `running`."""
+        """Stop polling; SIGUSR1 every job (a shutdown, not a cancel: the jobs end `interrupted`), SIGKILL
+        what is left after `timeout`; none stays `running`."""
         if not self.active:
             return
         self._stop.set()
@@ -82,7 +83,7 @@ class JobRunner:
             self._thread = None
         jobs = [j for j in self.jobs.values() if j.stopped_by_us]
         for job in jobs:
-            job.signal(signal.SIGTERM)
+            job.signal(signal.SIGUSR1)
         deadline = time.monotonic() + (self.settings.cancel_grace_seconds if timeout is None else timeout)
         while any(j.exit_code() is None for j in jobs) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -41,19 +41,25 @@ def wait_for_steps(home: Path, n: int, timeout: float = 60) -> int:
     raise AssertionError(f"fewer than {n} steps recorded after {timeout}s")
 
 
-def test_sigterm_cancels_keeping_rows_and_adapter(home: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "status", "code"), [(signal.SIGTERM, "cancelled", 3), (signal.SIGUSR1, "interrupted", 4)]
+)
+def test_a_stop_signal_keeps_rows_and_adapter_and_says_why(
+    home: Path, sig: signal.Signals, status: str, code: int
+) -> None:
+    # SIGTERM is a user's cancel; SIGUSR1 is what the job runner sends when the server shuts down.
     proc = start(home, *LONG)
     wait_for_steps(home, 20)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 3, err
+    assert proc.returncode == code, err
     run = run_row(home)
-    assert run["status"] == "cancelled" and run["finished_at"] is not None
+    assert run["status"] == status and run["finished_at"] is not None
     rows = steps(home)
     assert len(rows) >= 20 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert run["steps_done"] == rows[-1]["step"]
     assert (home / "runs" / "1" / "adapter" / "adapter_model.safetensors").is_file()
-    assert "run 1: cancelled" in out
+    assert f"run 1: {status}" in out
 
 
 def test_kill_loses_at_most_the_last_second(home: Path) -> None:
