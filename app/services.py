@@ -19,7 +19,18 @@ from sqlmodel import Session, col, select
 
 from analysis.sweeps import summarize_sweep
 from app.config import Settings
-from store.tables import FINISHED, Dataset, EvalMetric, Run, RunStatus, StepMetric, Sweep, step_rollups, utcnow
+from store.tables import (
+    FINISHED,
+    Dataset,
+    EvalMetric,
+    Run,
+    RunStatus,
+    ScalarMetric,
+    StepMetric,
+    Sweep,
+    step_rollups,
+    utcnow,
+)
 from trainer.catalog import BUILTIN_MODELS, ModelError, check_model
 from trainer.catalog import _hub_cache_has as hub_cache_has
 from trainer.config import ConfigError, TrainConfig, make_config
@@ -220,6 +231,7 @@ def delete_run(session: Session, settings: Settings, run_id: int) -> None:
     session.exec(delete(StepMetric).where(col(StepMetric.run_id) == run_id))
     session.exec(delete(EvalMetric).where(col(EvalMetric.run_id) == run_id))
     session.exec(delete(step_rollups).where(step_rollups.c.run_id == run_id))
+    session.exec(delete(ScalarMetric).where(col(ScalarMetric.run_id) == run_id))
     session.delete(run)
     session.commit()
     shutil.rmtree(settings.runs_dir / str(int(run_id)), ignore_errors=True)

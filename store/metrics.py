@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from store import scalars
 from store.rollups import ROLLUP_BLOCKS
 from store.tables import STEP_COLUMNS
 
@@ -44,18 +45,27 @@ _BLOCKS_PER_BUCKET = 2
 
 
 class UnknownKeys(ValueError):
-    def __init__(self, unknown: Sequence[str]) -> None:
-        super().__init__(f"unknown metric keys {', '.join(unknown)}; known keys: {', '.join(METRIC_KEYS)}")
+    def __init__(self, unknown: Sequence[str], custom: Sequence[str] = ()) -> None:
+        known = ", ".join((*METRIC_KEYS, *custom))
+        super().__init__(f"unknown metric keys {', '.join(unknown)}; known keys: {known}")
         self.unknown = list(unknown)
 
 
-def parse_keys(raw: str | None) -> list[str]:
-    """'loss,lr' -> ['loss', 'lr'] (duplicates dropped); empty -> the default keys; UnknownKeys otherwise."""
+def parse_keys(raw: str | None, custom: Sequence[str] = ()) -> list[str]:
+    """'loss,lr' -> ['loss', 'lr'] (duplicates dropped); empty -> the default keys; UnknownKeys otherwise.
+
+    `custom`: the run's own keys (`store.scalars.scalar_keys`), accepted besides the standard ones.
+    """
     keys = list(dict.fromkeys(k.strip() for k in (raw or "").split(",") if k.strip()))
-    unknown = [k for k in keys if k not in METRIC_KEYS]
+    unknown = [k for k in keys if k not in METRIC_KEYS and k not in custom]
     if unknown:
-        raise UnknownKeys(unknown)
+        raise UnknownKeys(unknown, custom)
     return keys or list(DEFAULT_KEYS)
+
+
+def _custom(keys: Sequence[str]) -> list[str]:
+    """The requested keys that are not standard columns: a run's custom keys (parse_keys checked them)."""
+    return [k for k in keys if k not in METRIC_KEYS]
 
 
 @dataclass
@@ -312,7 +322,43 @@ def read_metrics(
     """A run's series as Python lists (None for missing or non-finite values)."""
     since = -1 if since_step is None else since_step
     budget = _budget(max_points, keys)
+    if _custom(keys):
+        return _read_mixed(conn, run_id, keys, since, budget)
     return _read(conn, run_id, keys, since, budget, _span(conn, run_id, keys, since, budget))
+
+
+def _read_mixed(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int, budget: int | None) -> Metrics:
+    """Standard and custom keys together, on the union of their steps; downsampled by the same min/max rule,
+    the budget shared between the two kinds by their number of keys."""
+    custom = _custom(keys)
+    standard = [k for k in keys if k not in custom]
+    n = 0
+    if budget is not None:
+        n = max(_span(conn, run_id, standard, since, budget).n if standard else 0,
+                scalars.count_after(conn, run_id, custom, since, budget + 1))  # fmt: skip
+    columns: dict[str, list[Any]] = {}
+    if budget is not None and n > budget:
+        share = budget * len(standard) // len(keys)
+        kept = set(_extreme_steps(conn, run_id, standard, since, max(share, 2 + 2 * len(standard))) if standard else ())
+        ends = scalars.bounds(conn, run_id, custom, since)
+        if ends is not None:
+            buckets = max(1, (budget - share - 2) // (2 * len(custom)))
+            kept |= {*ends, *scalars.extreme_steps(conn, run_id, custom, since, *ends, buckets)}
+        steps = sorted(kept)
+        columns = _values_at(conn, run_id, standard, steps) if standard else {}
+        custom_series = {k: scalars.series(conn, run_id, k, since, steps) for k in custom}
+    else:
+        step_rows, loaded = _load(conn, run_id, standard, since) if standard else ([], {})
+        custom_series = {k: scalars.series(conn, run_id, k, since) for k in custom}
+        steps = sorted(set(step_rows).union(*custom_series.values()))
+        if steps != step_rows:
+            position = {step: i for i, step in enumerate(step_rows)}
+            loaded = {k: [v[position[s]] if s in position else None for s in steps] for k, v in loaded.items()}
+        columns = loaded
+    for key, values in custom_series.items():
+        columns[key] = [values.get(s) for s in steps]
+    series = {k: _finite(columns[k]) for k in keys}
+    return Metrics(run_id, steps, series, budget is not None and len(steps) < n)
 
 
 def _json_by_sqlite(conn: sqlite3.Connection, run_id: int, keys: Sequence[str], since: int) -> str:
@@ -352,6 +398,10 @@ def metrics_members(
     """The JSON members `"steps":[..],"series":{..},"downsampled":..` of a run's metrics, built fast."""
     since = -1 if since_step is None else since_step
     budget = _budget(max_points, keys)
+    if _custom(keys):  # custom keys: read into Python (their series are usually short)
+        metrics = _read_mixed(conn, run_id, keys, since, budget)
+        body = json.dumps({"steps": metrics.steps, "series": metrics.series, "downsampled": metrics.downsampled})
+        return body[1:-1]
     span = _span(conn, run_id, keys, since, budget)
     if budget is None or span.n <= budget:
         if not span.eval_only:
@@ -452,7 +502,9 @@ def new_rows(conn: sqlite3.Connection, run_id: int, after_step: int, limit: int)
 
 
 def iter_csv(conn: sqlite3.Connection, run_id: int, chunk_rows: int = 5000) -> Iterator[str]:
-    """Every recorded step with all metric columns and eval_loss, in step order, a chunk at a time."""
+    """Every recorded step with all metric columns and eval_loss, in step order, a chunk at a time; then a
+    column per custom key of the run (`store.scalars`), empty where a step has no value of it."""
+    custom = scalars.scalar_keys(conn, run_id)
     step_cols = ", ".join(f"s.{c}" for c in STEP_COLUMNS)
     nulls = ", ".join("NULL" for _ in STEP_COLUMNS)
     sql = (
@@ -464,14 +516,24 @@ def iter_csv(conn: sqlite3.Connection, run_id: int, chunk_rows: int = 5000) -> I
     )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow((*CSV_COLUMNS, *custom))
     cursor = conn.execute(sql, (run_id, run_id))
     while True:
         rows = cursor.fetchmany(chunk_rows)
         if not rows:
             break
+        if custom:
+            rows = _with_custom(conn, run_id, custom, rows)
         writer.writerows(rows)
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
     yield buffer.getvalue()
+
+
+def _with_custom(conn: sqlite3.Connection, run_id: int, custom: Sequence[str], rows: list[Any]) -> list[Any]:
+    """CSV rows (sorted by step) with each custom key's value at their step appended."""
+    first, last = rows[0][0], rows[-1][0]
+    sql = "SELECT step, value FROM scalar_metrics WHERE run_id = ? AND key = ? AND step BETWEEN ? AND ?"
+    values = [dict(conn.execute(sql, (run_id, key, first, last)).fetchall()) for key in custom]
+    return [(*row, *(v.get(row[0]) for v in values)) for row in rows]

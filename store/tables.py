@@ -106,6 +106,10 @@ class Run(RunBase, table=True):
     last_loss: float | None = None
     best_loss: float | None = None
     last_eval_loss: float | None = None
+    # An external run (kind "external", recorded by a script through the ingest API): its client's last sign of
+    # life, and how long it may stay silent before the job runner marks the run interrupted (app.runner.recovery).
+    heartbeat_at: datetime | None = None
+    heartbeat_seconds: float | None = None
     # The analysis (scores and verdict) computed when the run ends.
     summary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     verdict: str | None = None
@@ -142,18 +146,19 @@ class StepMetric(SQLModel, table=True):
     __table_args__ = {"sqlite_with_rowid": False}
     run_id: int = Field(foreign_key="runs.id", primary_key=True)
     step: int = Field(primary_key=True)
-    epoch: float
-    samples: int
-    tokens: int
+    # Progress, lr and times are NULL only in rows an external script sent without them (app.routers.ingest).
+    epoch: float | None
+    samples: int | None
+    tokens: int | None
     loss: float | None
-    lr: float
+    lr: float | None
     grad_norm: float | None
     update_norm: float | None
     param_norm: float | None
     update_ratio: float | None
     step_scale: float | None
-    wall_time: float
-    step_time: float
+    wall_time: float | None
+    step_time: float | None
     update_cos: float | None = None
     """cos(Δθ_t, Δθ_{t−1}): −1 when updates bounce across a valley (trainer.measure)."""
     grad_alignment: float | None = None
@@ -185,6 +190,21 @@ step_rollups = Table(
 Block `b` of level `l` holds steps `b * size .. (b + 1) * size - 1` (sizes in store.rollups.ROLLUP_BLOCKS).
 A plain table, not a SQLModel class: its 53 columns are generated and no row is ever built as an object.
 """
+
+
+class ScalarMetric(SQLModel, table=True):
+    """Any other scalar a script logs (accuracy, reward, a custom norm), one narrow row per run, key and step.
+
+    The standard columns stay in the wide `step_metrics` (fast to read and roll up); these keys are
+    open-ended, so a new one needs no migration. WITHOUT ROWID keeps one key's steps of a run contiguous.
+    """
+
+    __tablename__ = "scalar_metrics"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: int = Field(foreign_key="runs.id", primary_key=True)
+    key: str = Field(primary_key=True)
+    step: int = Field(primary_key=True)
+    value: float | None
 
 
 class EvalMetric(SQLModel, table=True):

@@ -32,6 +32,7 @@ from store.metrics import (
     parse_keys,
     read_metrics,
 )
+from store.scalars import scalar_keys
 from store.tables import FINISHED, Run, RunPublic
 
 router = APIRouter(prefix="/api", tags=["metrics"], dependencies=[TokenDep])
@@ -97,9 +98,9 @@ def _invalid(where: str, name: str, message: str) -> HTTPException:
     )
 
 
-def _keys(raw: str | None) -> list[str]:
+def _keys(raw: str | None, custom: list[str] | None = None) -> list[str]:
     try:
-        return parse_keys(raw)
+        return parse_keys(raw, custom or ())
     except UnknownKeys as exc:
         raise _invalid("query", "keys", str(exc)) from None
 
@@ -138,8 +139,8 @@ def run_metrics(
 ) -> Response:
     """A run's series aligned on `steps` (null where a value was not recorded). Every step unless
     `max_points` is given; then `downsampled` says whether points were dropped (never a spike)."""
-    metric_keys = _keys(keys)
     _require_run(db, run_id)
+    metric_keys = _keys(keys, scalar_keys(db, run_id))  # the run's own keys too (GET .../metric-keys)
     body = metrics_json(db, run_id, metric_keys, since_step, max_points)
     if smoothing is not None:
         body = json.dumps(with_smoothing(db, run_id, json.loads(body), metric_keys, smoothing), allow_nan=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 from sqlmodel import Session
@@ -15,6 +16,11 @@ from store.tables import FINISHED, Run, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
 
+EXTERNAL = "external"
+"""The kind of a run that a script outside the server records through the ingest API (app.routers.ingest)."""
+SERVER_STARTED = datetime.now(UTC)
+"""A client cannot reach a server that is down: its silence counts only from when this server started."""
+
 
 def adopt_or_settle(engine: Engine, settings: Settings, run: Run) -> Job | None:
     """A Job for the run's live process, or None after giving the run the status it ends with.
@@ -22,6 +28,9 @@ def adopt_or_settle(engine: Engine, settings: Settings, run: Run) -> Job | None:
     A queued run claimed by a server that went away before starting it is queued again.
     """
     assert run.id is not None
+    if run.kind == EXTERNAL:
+        settle_if_silent(engine, run)
+        return None
     # Ours only if the pid is alive and started when the run recorded: a reused pid (or a process whose
     # start time cannot be read) belongs to someone else and is never adopted, so never signalled.
     if run.pid != os.getpid() and is_same_process(run.pid, run.pid_start):
@@ -50,3 +59,32 @@ def adopt_or_settle(engine: Engine, settings: Settings, run: Run) -> Job | None:
         session.add(row)
         session.commit()
     return None
+
+
+def settle_if_silent(engine: Engine, run: Run, now: datetime | None = None) -> bool:
+    """Mark an external run `interrupted` once its client has been silent longer than it said it may be
+    (`heartbeat_seconds`; a killed script sends nothing more). Whether it did."""
+    if run.heartbeat_seconds is None:
+        return False
+    now = now or utcnow()
+    last = max(_aware(run.heartbeat_at or run.created_at), SERVER_STARTED)
+    if now - last <= timedelta(seconds=run.heartbeat_seconds):
+        return False
+    with Session(engine) as session:
+        row = session.get(Run, run.id)
+        if row is None or row.status in FINISHED or _aware(row.heartbeat_at or row.created_at) != _aware(
+            run.heartbeat_at or run.created_at
+        ):
+            return False  # finished, or its client spoke since this poll read it
+        row.status = RunStatus.interrupted
+        row.error = f"its client sent nothing for {run.heartbeat_seconds:g} s (the script ended without finish)"
+        row.finished_at = now
+        session.add(row)
+        session.commit()
+    log.info("run %d: interrupted (its client went silent)", run.id)
+    return True
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite gives datetimes back without their zone (they are stored in UTC)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

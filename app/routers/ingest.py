@@ -1,0 +1,338 @@
+"""The ingest API: runs recorded by a script outside the server (`import stepscope`, the HF Trainer callback).
+
+Why a path of its own (`POST /api/external-runs`) rather than a `source` member in `POST /api/runs`: the body
+of `POST /api/runs` is the engine's training config, checked strictly (a misspelt field is a 422, a model
+must exist), and it queues a job. An external run is the opposite on both counts: its config is free-form
+(whatever the script's hyperparameters are) and nothing is queued, the script is already training. One body
+for both would make either the built-in one loose or the external one's 422s talk about fields it never
+had. Everything after creation is shared with built-in runs: `/api/runs/{id}`, its metrics, pages, compare.
+
+Rows are idempotent on (run, step): a client that retries a batch (or replays its spool after the server
+was down) replaces rows with the same values, never adds them (`store.rollups.write_steps` and
+`store.scalars.write_scalars` both INSERT OR REPLACE). Every batch is also the client's heartbeat: an
+external run whose client stays silent longer than its `heartbeat_seconds` is marked `interrupted` by
+the job runner (`app.runner.recovery.settle_if_silent`), so a killed script does not stay `running`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Response, status
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.deps import MAX_ID, DbDep, RunId, SessionDep
+from app.routers.runs import get_run, run_summary
+from app.runner.recovery import EXTERNAL
+from app.security import TokenDep
+from app.services import Conflict, NotFound
+from store.metrics import METRIC_KEYS
+from store.rollups import write_steps
+from store.scalars import KEY_PATTERN, scalar_keys, write_scalars
+from store.tables import STEP_COLUMNS, Run, RunPublic, RunStatus, sqlite_time, utcnow
+
+router = APIRouter(tags=["ingest"], dependencies=[TokenDep])
+
+MAX_ROWS = 10_000
+"""Rows per request (steps or evals); a client sends about a second's worth at a time."""
+MAX_KEYS_PER_ROW = 256
+EVAL_INSERT = "INSERT OR REPLACE INTO eval_metrics (run_id, step, eval_loss, wall_time) VALUES (?, ?, ?, ?)"
+Finite = Field(None, allow_inf_nan=False)
+
+
+class ExternalRunCreate(BaseModel):
+    """A run that a script records itself. Only `name` matters to the dashboard; the rest is shown as given."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("", max_length=200)
+    source: str = Field("script", max_length=100, description="What records it, e.g. 'script' or 'hf-trainer'")
+    config: dict[str, Any] = Field(default_factory=dict, description="Free-form hyperparameters, stored as given")
+    learning_rate: float | None = Field(None, gt=0, allow_inf_nan=False)
+    model: str = Field("", max_length=500)
+    dataset: str = Field("", max_length=500)
+    batch_size: int | None = Field(None, ge=1, le=MAX_ID)
+    optimizer: str = Field("", max_length=100)
+    heartbeat_seconds: float = Field(
+        60, ge=1, le=86_400, description="Silence after which the run is marked interrupted (the script died)"
+    )
+
+    @field_validator("config")
+    @classmethod
+    def _json_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not _finite_json(value):
+            raise ValueError("config may hold only finite numbers (JSON has no NaN or Infinity)")
+        return value
+
+
+def _finite_json(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_json(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_json(v) for v in value)
+    return True
+
+
+class StepRow(BaseModel):
+    """One optimizer step: the standard columns it has (the rest stay null) and any other scalars by name.
+
+    `loss` and `grad_norm` may be non-finite (a diverging run, an fp16 overflow); the others must be finite.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float | None] = Field(init=False)
+    step: int = Field(ge=0, le=MAX_ID)
+    epoch: float | None = Field(None, ge=0, allow_inf_nan=False)
+    samples: int | None = Field(None, ge=0, le=MAX_ID)
+    tokens: int | None = Field(None, ge=0, le=MAX_ID)
+    loss: float | None = None
+    lr: float | None = Field(None, ge=0, allow_inf_nan=False)
+    grad_norm: float | None = None
+    update_norm: float | None = Finite
+    param_norm: float | None = Finite
+    update_ratio: float | None = Finite
+    step_scale: float | None = Finite
+    wall_time: float | None = Finite
+    step_time: float | None = Finite
+    update_cos: float | None = Finite
+    grad_alignment: float | None = Finite
+    skipped: int | None = Field(None, ge=0, le=1)
+
+
+class StepsIn(BaseModel):
+    rows: list[StepRow] = Field(max_length=MAX_ROWS)
+
+
+class EvalRow(BaseModel):
+    """One evaluation: its step, the eval loss (may be non-finite) and any other scalars by name."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, float | None] = Field(init=False)
+    step: int = Field(ge=0, le=MAX_ID)
+    eval_loss: float | None = None
+    wall_time: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+class EvalsIn(BaseModel):
+    rows: list[EvalRow] = Field(max_length=MAX_ROWS)
+
+
+class Written(BaseModel):
+    run_id: int
+    rows: int
+    steps_done: int
+
+
+Ending = Literal["completed", "failed", "cancelled", "interrupted", "diverged"]
+
+
+class FinishIn(BaseModel):
+    status: Ending = "completed"
+    error: str | None = Field(None, max_length=10_000)
+
+
+class MetricKeys(BaseModel):
+    standard: list[str] = Field(description="The standard columns (and eval_loss), recorded for every run")
+    custom: list[str] = Field(description="Other scalars this run recorded")
+
+
+def _unprocessable(loc: list[str | int], message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT, [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]
+    )
+
+
+def _extras(row: BaseModel, where: list[str | int], reserved: set[str]) -> list[tuple[str, float | None]]:
+    """A row's other scalars, checked: a key name of KEY_PATTERN, a finite number (or null)."""
+    extra = row.model_extra or {}
+    if len(extra) > MAX_KEYS_PER_ROW:
+        raise _unprocessable(where, f"at most {MAX_KEYS_PER_ROW} metrics a row")
+    out = []
+    for key, value in extra.items():
+        if key in reserved or not KEY_PATTERN.fullmatch(key):
+            message = f"not a metric name (nor a standard one): letters, digits and _ . / : - ({KEY_PATTERN.pattern})"
+            raise _unprocessable([*where, key], message)
+        if value is not None and not math.isfinite(value):
+            raise _unprocessable([*where, key], "must be a finite number or null")
+        out.append((key, value))
+    return out
+
+
+def _claim(db: sqlite3.Connection, run_id: int) -> None:
+    """Begin the write: refresh the heartbeat of the run if it is an external run still going, else 404/409.
+
+    The UPDATE comes first, so the transaction holds SQLite's write lock from the check on: a `finish`
+    cannot slip in between the check and the rows.
+    """
+    sql = "UPDATE runs SET heartbeat_at = ? WHERE id = ? AND kind = ? AND status = ?"
+    if db.execute(sql, (sqlite_time(utcnow()), run_id, EXTERNAL, RunStatus.running.value)).rowcount == 1:
+        return
+    db.rollback()
+    row = db.execute("SELECT kind, status FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no run with id {run_id}")
+    if row[0] != EXTERNAL:
+        raise Conflict(f"run {run_id} is a built-in run: its own job records it")
+    raise Conflict(f"run {run_id} already finished ({row[1]})")
+
+
+def _commit(db: sqlite3.Connection, write: Any) -> None:
+    try:
+        write()
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+@router.post("/api/external-runs", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
+def create_external_run(body: ExternalRunCreate, session: SessionDep) -> Run:
+    """Start recording a run that a script trains itself: status `running`, kind `external`. The script then
+    sends its rows to `/api/runs/{id}/steps` and `/evals` and ends it with `/finish`."""
+    now = utcnow()
+    run = Run(
+        name=body.name,
+        kind=EXTERNAL,
+        status=RunStatus.running,
+        model=body.model,
+        dataset=body.dataset,
+        learning_rate=body.learning_rate or 0.0,
+        batch_size=body.batch_size or 0,
+        optimizer=body.optimizer,
+        config={**body.config, "stepscope_source": body.source},
+        started_at=now,
+        heartbeat_at=now,
+        heartbeat_seconds=body.heartbeat_seconds,
+    )
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return run
+
+
+@router.post("/api/runs/{run_id}/steps", response_model=Written)
+def add_steps(run_id: RunId, body: StepsIn, db: DbDep) -> Written:
+    """Record a batch of steps. A step sent again keeps the values it had where the new row has none (a
+    script may log a step's metrics in several calls), so a retried batch changes nothing: idempotent."""
+    reserved = {"step", *METRIC_KEYS}
+    by_step: dict[int, list[Any]] = {}
+    custom = []
+    for i, row in enumerate(body.rows):
+        values = [getattr(row, c) for c in STEP_COLUMNS]
+        before = by_step.get(row.step)
+        by_step[row.step] = values if before is None else _merged(values, before)
+        custom += [(key, row.step, value) for key, value in _extras(row, ["rows", i], reserved)]
+    _claim(db, run_id)
+
+    def write() -> None:
+        stored = _stored_rows(db, run_id, list(by_step))
+        rows = [
+            (run_id, step, *(_merged(values, stored[step]) if step in stored else values))
+            for step, values in sorted(by_step.items())
+        ]
+        write_steps(db, run_id, rows)
+        write_scalars(db, run_id, custom)
+        _update_progress(db, run_id, body.rows)
+
+    _commit(db, write)
+    return Written(run_id=run_id, rows=len(body.rows), steps_done=_steps_done(db, run_id))
+
+
+def _merged(new: list[Any], old: Sequence[Any]) -> list[Any]:
+    return [o if n is None else n for n, o in zip(new, old, strict=True)]
+
+
+def _stored_rows(db: sqlite3.Connection, run_id: int, steps: list[int]) -> dict[int, tuple[Any, ...]]:
+    """The standard columns already stored at these steps (a primary-key lookup each)."""
+    sql = (
+        f"SELECT step, {', '.join(STEP_COLUMNS)} FROM step_metrics "
+        "WHERE run_id = ? AND step IN (SELECT value FROM json_each(?))"
+    )
+    return {row[0]: row[1:] for row in db.execute(sql, (run_id, json.dumps(steps)))}
+
+
+def _update_progress(db: sqlite3.Connection, run_id: int, rows: list[StepRow]) -> None:
+    """The run's summary numbers (steps_done, last_loss, best_loss) as the built-in trainer keeps them."""
+    if not rows:
+        return
+    last = max(rows, key=lambda r: r.step)
+    losses = [r.loss for r in rows if r.loss is not None and math.isfinite(r.loss)]
+    db.execute(
+        "UPDATE runs SET last_loss = CASE WHEN ? >= steps_done THEN ? ELSE last_loss END, "
+        "best_loss = CASE WHEN ? IS NULL THEN best_loss WHEN best_loss IS NULL OR ? < best_loss THEN ? "
+        "ELSE best_loss END, steps_done = max(steps_done, ?) WHERE id = ?",
+        (last.step, last.loss, *([min(losses)] * 3 if losses else [None] * 3), last.step, run_id),
+    )
+
+
+def _steps_done(db: sqlite3.Connection, run_id: int) -> int:
+    return int(db.execute("SELECT steps_done FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+
+
+@router.post("/api/runs/{run_id}/evals", response_model=Written)
+def add_evals(run_id: RunId, body: EvalsIn, db: DbDep) -> Written:
+    """Record a batch of evaluations (idempotent on (run, step)); other scalars go with the custom keys."""
+    reserved = {"step", "wall_time", *METRIC_KEYS}
+    custom = [
+        (key, row.step, value) for i, row in enumerate(body.rows) for key, value in _extras(row, ["rows", i], reserved)
+    ]
+    _claim(db, run_id)
+    # eval_metrics.wall_time is required: without the script's own, the seconds since the run started.
+    started = db.execute("SELECT julianday(started_at) FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+    received = 0.0 if started is None else max(0.0, (_julian_now(db) - started) * 86_400)
+    evals = [(run_id, r.step, r.eval_loss, r.wall_time if r.wall_time is not None else received) for r in body.rows]
+
+    def write() -> None:
+        db.executemany(EVAL_INSERT, evals)
+        write_scalars(db, run_id, custom)
+        finite = [e for e in evals if e[2] is not None and math.isfinite(e[2])]
+        if finite:
+            last = max(finite, key=lambda e: e[1])
+            db.execute("UPDATE runs SET last_eval_loss = ? WHERE id = ?", (last[2], run_id))
+
+    _commit(db, write)
+    return Written(run_id=run_id, rows=len(evals), steps_done=_steps_done(db, run_id))
+
+
+def _julian_now(db: sqlite3.Connection) -> float:
+    return float(db.execute("SELECT julianday(?)", (sqlite_time(utcnow()),)).fetchone()[0])
+
+
+@router.post("/api/runs/{run_id}/heartbeat", status_code=status.HTTP_204_NO_CONTENT)
+def heartbeat(run_id: RunId, db: DbDep) -> Response:
+    """The client is alive (it sends this when it has no rows to send)."""
+    _claim(db, run_id)
+    db.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/api/runs/{run_id}/finish", response_model=RunPublic)
+def finish(run_id: RunId, body: FinishIn, session: SessionDep, db: DbDep) -> Run:
+    """End an external run with its status; its scores and verdict are computed from the recorded rows and
+    stored, as the built-in trainer stores them (409 if it already ended)."""
+    run = get_run(session, run_id)
+    if run.kind != EXTERNAL:
+        raise Conflict(f"run {run_id} is a built-in run: its own job records it")
+    if run.status != RunStatus.running:
+        raise Conflict(f"run {run_id} already finished ({run.status.value})")
+    run.status = RunStatus(body.status)
+    run.summary = None
+    summary, _ = run_summary(db, run)
+    run.summary, run.verdict = summary, summary.get("verdict")
+    run.error, run.finished_at = body.error, utcnow()
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return run
+
+
+@router.get("/api/runs/{run_id}/metric-keys", response_model=MetricKeys)
+def metric_keys(run_id: RunId, session: SessionDep, db: DbDep) -> MetricKeys:
+    """The keys `GET /api/runs/{id}/metrics?keys=` takes for this run: the standard ones and its own."""
+    get_run(session, run_id)
+    return MetricKeys(standard=list(METRIC_KEYS), custom=scalar_keys(db, run_id))
