@@ -188,6 +188,26 @@ def judge_sweep(session: Session, sweep_id: int) -> dict[str, Any]:
     return result
 
 
+def resume_run(session: Session, run_id: int) -> Run:
+    """Queue an interrupted run again (NotFound, or Conflict unless it is interrupted). The job runner starts
+    it like any queued run, and the trainer goes on from the run's last checkpoint with the same step numbers
+    (from step 1 if it has none), writing the steps after the checkpoint again."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"no run with id {run_id}")
+    if run.status != RunStatus.interrupted:
+        raise Conflict(f"run {run_id} is {run.status.value}: only an interrupted run can be resumed")
+    fields = {"status": RunStatus.queued, "pid": None, "pid_start": None, "finished_at": None, "error": None}
+    done = session.exec(
+        update(Run).where(col(Run.id) == run_id, col(Run.status) == RunStatus.interrupted).values(**fields)
+    )
+    session.commit()
+    if done.rowcount != 1:
+        raise Conflict(f"run {run_id} changed meanwhile: reload it")
+    session.refresh(run)
+    return run
+
+
 def cancel_run(session: Session, run_id: int) -> Run:
     """Cancel a queued or running run (NotFound, or Conflict if it already finished).
 

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields (flags override it)")
     parser.add_argument("--run-id", type=int, help="run an existing queued run (used by the server's job runner)")
+    parser.add_argument(
+        "--resume",
+        type=int,
+        metavar="ID",
+        help="continue an interrupted run from its last checkpoint, same step numbers",
+    )
     for name, (default, help_text) in field_help().items():
         shown = ",".join(default) if isinstance(default, list) else default
         flags = [_flag(name), f"--{name}"] if "_" in name else [_flag(name)]
@@ -104,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.catalog import ModelError
     from trainer.data import DataError
     from trainer.loop import StopFlag, train
-    from trainer.recorder import Recorder, new_run, run_config
+    from trainer.recorder import Recorder, new_run, run_config, run_process_alive
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
@@ -117,18 +123,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             if status != "queued":
                 parser.error(f"--run-id: run {args.run_id} is {status}, not queued")
             cfg, run_id = make_config(values), args.run_id
+        elif hasattr(args, "resume"):
+            values, status = run_config(settings.db_path, args.resume)
+            if status != "interrupted" and not (
+                status == "running" and not run_process_alive(settings.db_path, args.resume)
+            ):
+                parser.error(f"--resume: run {args.resume} is {status}: only an interrupted run can be resumed")
+            cfg, run_id = make_config(values), args.resume
         else:
             cfg = config_from_args(args)
             run_id = new_run(settings.database_url, cfg)
     except ConfigError as exc:
         parser.error(f"{exc.field}: {exc.reason}")
     except KeyError:
-        parser.error(f"--run-id: no run {args.run_id}")
+        flag = "--run-id" if hasattr(args, "run_id") else "--resume"
+        parser.error(f"{flag}: no run {getattr(args, 'run_id', getattr(args, 'resume', None))}")
 
     stop = StopFlag()
     recorder = Recorder(settings.db_path, run_id)
     progress = None
-    if not hasattr(args, "run_id"):
+    if not hasattr(args, "run_id"):  # in a terminal (a new run, or one resumed by hand): a progress bar
         from tqdm import tqdm
 
         progress = tqdm(desc=f"run {run_id}", unit="step", dynamic_ncols=True)

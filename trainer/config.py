@@ -72,6 +72,13 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value (0 disables clipping).")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data generation, shuffling and LoRA init.")
     eval_every: int = Field(20, ge=0, description="Record eval loss every this many steps (0: only at the end).")
+    checkpoint_every: int = Field(
+        200,
+        ge=0,
+        le=10_000_000,
+        description="Save a checkpoint every this many steps and at least every 10 minutes, to resume an "
+        "interrupted run from (0: never).",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Compute precision (auto: bf16 on a GPU that supports it, else fp32)."

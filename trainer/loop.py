@@ -8,9 +8,11 @@ is not, and that is worth seeing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sqlite3
 import threading
 import time
 from array import array
@@ -25,7 +27,8 @@ from transformers import get_scheduler
 from analysis.range_test import RangeTestStop, lr_range_suggestions
 from analysis.runs import DIVERGED_LOSS_FACTOR, diverged_loss, summarize_run
 from analysis.smoothing import DebiasedEma
-from store.tables import RunStatus, utcnow
+from store.tables import STEP_COLUMNS, RunStatus, utcnow
+from trainer import checkpoints
 from trainer.batches import Batch, eval_batches, step_batches, tokenize
 from trainer.config import TrainConfig
 from trainer.data import load_examples, plan_steps
@@ -438,15 +441,27 @@ def record(
 # --- the loop ------------------------------------------------------------------------------------------
 
 
-def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, history: History | None = None) -> Outcome:
+def fit(
+    s: Setup,
+    recorder: Recorder,
+    stop: StopFlag,
+    progress: Any = None,
+    history: History | None = None,
+    run_dir: Path | None = None,
+    resume: dict[str, Any] | None = None,
+) -> Outcome:
+    """The steps of a run (from a checkpoint's step on, given `resume`), checkpointing into `run_dir`."""
     cfg = s.cfg
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16)
     buffer, guard = StepBuffer(s.device, scaled=scaler.is_enabled()), DivergenceGuard(cfg.kind)
     history = history if history is not None else History()
-    samples = tokens = 0
-    start = last = time.perf_counter()
-    step = 0
-    for step in range(1, s.total_steps + 1):
+    at = restore(s, scaler, resume) if resume is not None else checkpoints.Resumed(0, 0, 0, 0.0)
+    _replay(guard, history)
+    samples, tokens = at.samples, at.tokens
+    start = last = time.perf_counter() - at.wall_time
+    last_checkpoint = time.monotonic()
+    step = at.step
+    for step in range(at.step + 1, s.total_steps + 1):
         micro = next(s.batches)
         lr = s.scheduler.get_last_lr()[0]  # the rate this update uses (a host float: no sync)
 
@@ -469,7 +484,8 @@ def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, hist
             progress.update(1)
 
         # stop conditions: divergence is checked as batches of metrics reach the host
-        last_step = stop.requested or step == s.total_steps
+        checkpoint = run_dir is not None and _checkpoint_due(cfg, step, s.total_steps, last_checkpoint, stop)
+        last_step = stop.requested or step == s.total_steps or checkpoint
         if buffer.due() or last_step:
             buffer.start_copy()
         for rows, evals in buffer.arrived(wait=last_step):
@@ -478,9 +494,84 @@ def fit(s: Setup, recorder: Recorder, stop: StopFlag, progress: Any = None, hist
                 return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
             if problem:
                 return Outcome("diverged", problem[1], error=problem[0], error_step=problem[1])
+        if checkpoint:  # every row up to this step is committed first: a resumed run starts right after them
+            assert run_dir is not None
+            recorder.flush()
+            checkpoints.save(run_dir, _state(s, scaler, step, samples, tokens, time.perf_counter() - start))
+            last_checkpoint = time.monotonic()
         if stop.requested:
             return Outcome(stop.outcome, step)
     return Outcome("completed", step)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def _replay(guard: DivergenceGuard, history: History) -> None:
+    """Bring a resumed run's divergence guard to where it was, from the rows recorded before."""
+    series = history.series
+    for step, loss, gn in zip(history.steps, series["loss"], series["grad_norm"], strict=True):
+        guard.check(step, None if math.isnan(loss) else loss, None if math.isnan(gn) else gn)
+
+
+def _checkpoint_due(cfg: TrainConfig, step: int, total: int, last: float, stop: StopFlag) -> bool:
+    """Every `checkpoint_every` steps, at least every CHECKPOINT_SECONDS, and when the server shuts down
+    (a cancelled or finished run is not resumed; a range test is cheap to run again)."""
+    if not cfg.checkpoint_every or cfg.kind == "lr_range_test" or step == total:
+        return False
+    if stop.requested:
+        return stop.outcome == "interrupted"
+    return step % cfg.checkpoint_every == 0 or time.monotonic() - last >= checkpoints.CHECKPOINT_SECONDS
+
+
+def _state(s: Setup, scaler: torch.amp.GradScaler, step: int, samples: int, tokens: int, wall: float) -> dict[str, Any]:
+    # The copies to the host wait for the GPU: once per checkpoint, not per step.
+    return {
+        "step": step,
+        "samples": samples,
+        "tokens": tokens,
+        "wall_time": wall,
+        "trainable": [p.detach().cpu().clone() for p in s.params],
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "meter": s.meter.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None,
+    }
+
+
+def restore(s: Setup, scaler: torch.amp.GradScaler, state: dict[str, Any]) -> checkpoints.Resumed:
+    """Put a run back where its checkpoint was: weights, optimizer, schedule, scaler, RNG and data position."""
+    with torch.no_grad():
+        for param, saved in zip(s.params, state["trainable"], strict=True):
+            param.copy_(saved)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    s.meter.load_state_dict(state["meter"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and s.device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for _ in range(state["step"]):  # each epoch's order follows from the seed: skip what was trained on
+        next(s.batches)
+    return checkpoints.Resumed(state["step"], state["samples"], state["tokens"], state["wall_time"])
+
+
+def recorded_history(db_path: Path, run_id: int, upto: int) -> History:
+    """The rows and evals a run recorded up to step `upto`, for the analysis of a resumed run."""
+    history = History()
+    columns = ", ".join(("step", *STEP_COLUMNS))
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as conn:
+        rows = conn.execute(
+            f"SELECT {columns} FROM step_metrics WHERE run_id = ? AND step <= ? ORDER BY step", (run_id, upto)
+        ).fetchall()
+        evals = conn.execute(
+            "SELECT step, eval_loss, wall_time FROM eval_metrics WHERE run_id = ? AND step <= ? ORDER BY step",
+            (run_id, upto),
+        ).fetchall()
+    history.extend(rows, evals)
+    return history
 
 
 def save_adapter(s: Setup, run_dir: Path) -> Path:
@@ -507,10 +598,17 @@ def train(
         )  # fmt: skip
         if progress is not None:
             progress.reset(total=s.total_steps)
-        history = History()
-        outcome = fit(s, recorder, stop, progress, history)
+        run_dir = home / "runs" / str(run_id)
+        found = checkpoints.latest(run_dir)
+        resume = checkpoints.load(found) if found is not None else None
+        history = recorded_history(recorder.db_path, run_id, resume["step"]) if resume else History()
+        if resume is not None:
+            log.info("run %d: resuming after step %d from %s", run_id, resume["step"], found)
+        if progress is not None and resume is not None:
+            progress.update(resume["step"])
+        outcome = fit(s, recorder, stop, progress, history, run_dir=run_dir, resume=resume)
         if outcome.status != "diverged":
-            save_adapter(s, home / "runs" / str(run_id))
+            save_adapter(s, run_dir)
         summary = history.summary(outcome.status, cfg.kind)
         if outcome.error:  # the trainer saw what went wrong; the stored rows hold no NaN to show it
             summary["reason"] = f"The run diverged: {outcome.error}."

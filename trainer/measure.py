@@ -68,3 +68,10 @@ class StepMeter:
         param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.weights)))
         self._current = 1 - self._current
         return torch.linalg.vector_norm(update), param_norm, update_cos
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The last update (negated), which the next step's alignment and update cosine compare against."""
+        return {"last_update": self._updates[1 - self._current].detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._updates[1 - self._current].copy_(state["last_update"])

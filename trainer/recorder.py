@@ -58,6 +58,13 @@ def run_config(db_path: Path, run_id: int) -> tuple[dict[str, Any], str]:
     return json.loads(row[0]), row[1]
 
 
+def run_process_alive(db_path: Path, run_id: int) -> bool:
+    """Whether the process a run's row names (pid and start time) is still running."""
+    with sqlite3.connect(db_path) as conn:
+        row = conn.execute("SELECT pid, pid_start FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return bool(row and row[0] and row[1] is not None and process_start_time(row[0]) == row[1])
+
+
 def _sql_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return sqlite_time(value)
@@ -100,6 +107,16 @@ class Recorder:
         sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
         self._queue.put((sql, [(*(_sql_value(fields[n]) for n in names), self.run_id)]))
 
+    def flush(self) -> None:
+        """Wait until every row queued so far is committed (a checkpoint must not run ahead of its rows)."""
+        done = threading.Event()
+        self._queue.put(done)
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        if self.error is not None:
+            raise RuntimeError(f"recording failed: {self.error}") from self.error
+
     def close(self) -> None:
         self._queue.put(_CLOSE)
         self._thread.join()
@@ -126,7 +143,10 @@ class Recorder:
                 if batch[-1] is _CLOSE:
                     batch.pop()
                     done = True
-                self._write(conn, batch)
+                flushed = [item for item in batch if isinstance(item, threading.Event)]
+                self._write(conn, [item for item in batch if not isinstance(item, threading.Event)])
+                for event in flushed:  # everything queued before it is committed now
+                    event.set()
         except BaseException as exc:  # reported by close(); the loop must not die silently
             self.error = exc
         finally:

@@ -125,6 +125,17 @@ def range_test_sweep(request: Request, session: SessionDep, run_id: RunId, form:
     return RedirectResponse(f"/sweeps/{created.id}", 303)
 
 
+@router.post("/runs/{run_id}/resume", response_model=None)
+def resume_run(request: Request, session: SessionDep, run_id: RunId, form: CheckedForm) -> Response:
+    try:
+        services.resume_run(session, run_id)
+    except services.NotFound:
+        return not_found(request, f"Run {run_id}")
+    except services.Conflict as exc:
+        return render(request, "error.html", {"title": "Cannot resume this run", "message": str(exc)}, 409)
+    return RedirectResponse(f"/runs/{run_id}", 303)
+
+
 @router.post("/runs/{run_id}/cancel", response_model=None)
 def cancel_run(request: Request, session: SessionDep, run_id: RunId, form: CheckedForm) -> Response:
     try:

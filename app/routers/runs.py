@@ -16,7 +16,7 @@ from analysis.range_test import lr_range_suggestions
 from analysis.runs import summarize_run
 from app.deps import MAX_ID, DbDep, RunId, SessionDep, SettingsDep
 from app.security import TokenDep
-from app.services import NotFound, cancel_run, create_run, delete_run, runs_filter
+from app.services import NotFound, cancel_run, create_run, delete_run, resume_run, runs_filter
 from store.metrics import EVAL_KEY, read_metrics
 from store.tables import FINISHED, Run, RunPublic, RunStatus
 from trainer.config import TrainConfig
@@ -236,6 +236,13 @@ def judged_in_sweep(summary: dict[str, Any]) -> dict[str, Any]:
         "solo_verdict": summary.get("verdict"),
         "solo_reason": summary.get("reason"),
     }
+
+
+@router.post("/{run_id}/resume", response_model=RunPublic)
+def resume(run_id: RunId, session: SessionDep) -> Run:
+    """Continue an interrupted run (a server shutdown or a crash stopped it) from its last checkpoint, with
+    the same step numbering; 409 unless it is interrupted."""
+    return resume_run(session, run_id)
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)

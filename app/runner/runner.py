@@ -141,10 +141,13 @@ class JobRunner:
         if code is not None:
             self.jobs.pop(job.run_id)
             job.close_files()
-            self._settle(job, None, exit_reason(code if job.proc is not None else None))
-            if run is not None and run.sweep_id is not None:  # judge its rate against its siblings'
-                with Session(self.engine) as session:
-                    services.judge_sweep(session, run.sweep_id)
+            code = code if job.proc is not None else None
+            # A job killed by a signal (the OOM killer, kill -9) crashed: interrupted, so it can be resumed.
+            self._settle(job, RunStatus.interrupted if code is not None and code < 0 else None, exit_reason(code))
+            with Session(self.engine) as session:  # a sweep's run: judge its rate against its siblings'
+                ended = session.get(Run, job.run_id)
+                if ended is not None and ended.sweep_id is not None:
+                    services.judge_sweep(session, ended.sweep_id)
         elif run is None:  # deleted or finished while the process lingers (it is saving): nothing to do
             return
         elif job.kill_at is not None and time.monotonic() >= job.kill_at:
@@ -166,11 +169,8 @@ class JobRunner:
                 return
             if run.cancel_requested_at is not None:
                 run.status = RunStatus.cancelled
-            elif status is not None:
-                run.status = status
-                run.error = reason
             else:
-                run.status = RunStatus.failed
+                run.status = status or RunStatus.failed
                 tail = stderr_tail(job.stderr_path) if job.stderr_path else ""
                 run.error = f"{reason}\n--- last lines of its stderr ---\n{tail}" if tail else reason
             run.finished_at = utcnow()

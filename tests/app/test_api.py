@@ -436,3 +436,20 @@ def test_smoothing_runs_over_every_step_before_downsampling(client: TestClient, 
     assert compared["runs"][0]["smoothed"] == body["smoothed"]
     bad = client.get(f"/api/runs/{run_id}/metrics", params={"smoothing": 1.0})
     assert bad.status_code == 422 and errors(bad) == {"query.smoothing": "Input should be less than 1"}
+
+
+def test_only_an_interrupted_run_can_be_resumed(client: TestClient, db: sqlite3.Connection) -> None:
+    run_id = client.post("/api/runs", json=TINY).json()["id"]
+    assert client.post(f"/api/runs/{run_id}/resume").status_code == 409  # queued
+    db.execute(
+        "UPDATE runs SET status = 'interrupted', pid = 4242, error = 'its process was gone', "
+        "finished_at = '2026-01-01 00:00:00.000000' WHERE id = ?",
+        (run_id,),
+    )
+    resumed = client.post(f"/api/runs/{run_id}/resume")
+    assert resumed.status_code == 200
+    body = resumed.json()
+    assert (body["status"], body["error"], body["finished_at"]) == ("queued", None, None)
+    assert db.execute("SELECT pid FROM runs WHERE id = ?", (run_id,)).fetchone() == (None,)  # the runner may take it
+    assert client.post(f"/api/runs/{run_id}/resume").status_code == 409
+    assert client.post("/api/runs/999/resume").status_code == 404

@@ -110,7 +110,7 @@ def test_cancel_mid_run_keeps_its_rows(client: TestClient, settings: Settings) -
     assert client.post(f"/api/runs/{run_id}/cancel").status_code == 409
 
 
-def test_a_killed_job_ends_failed_with_its_stderr(client: TestClient, settings: Settings) -> None:
+def test_a_killed_job_ends_interrupted_with_its_stderr(client: TestClient, settings: Settings) -> None:
     run_id = client.post("/api/runs", json={**TINY, "max_steps": 100_000}).json()["id"]
     wait_for(lambda: run_state(client, run_id)["steps_done"] >= 3, what="some steps")
     with Session(make_engine(settings.database_url)) as session:
@@ -119,10 +119,30 @@ def test_a_killed_job_ends_failed_with_its_stderr(client: TestClient, settings: 
     os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
 
     run = wait_for(lambda: finished(client, run_id), 30, "the runner to notice")
-    assert run["status"] == "failed"
+    assert run["status"] == "interrupted"  # a crash, not the run's fault: it can be resumed
     assert "killed by SIGKILL (out of memory?)" in run["error"]
     assert "training examples" in run["error"]  # the last lines of its stderr
     assert count_rows(settings, "step_metrics", run_id) >= 1  # rows flushed before the kill are kept
+
+
+def test_a_killed_job_resumes_through_the_api_with_every_step_once(client: TestClient, settings: Settings) -> None:
+    body = {**TINY, "max_steps": 300, "checkpoint_every": 50, "eval_every": 0}
+    run_id = client.post("/api/runs", json=body).json()["id"]
+    wait_for(lambda: run_state(client, run_id)["steps_done"] >= 120, what="two checkpoints")
+    with Session(make_engine(settings.database_url)) as session:
+        pid = session.get(Run, run_id).pid  # type: ignore[union-attr]
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: finished(client, run_id), 30, "the runner to notice")["status"] == "interrupted"
+    assert client.post(f"/api/runs/{run_id}/resume").json()["status"] == "queued"
+    run = wait_for(lambda: finished(client, run_id), 120, "the resumed run to finish")
+    assert run["status"] == "completed" and run["steps_done"] == 300
+    with sqlite3.connect(settings.db_path) as conn:
+        recorded = [
+            s for (s,) in conn.execute("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", (run_id,))
+        ]
+    assert recorded == list(range(1, 301))
+    assert "resuming after step" in (settings.runs_dir / str(run_id) / "stderr.log").read_text()
 
 
 def test_a_corrupt_dataset_fails_the_run_with_the_reason(settings: Settings) -> None:
