@@ -8,6 +8,7 @@ import signal
 import sys
 import typing
 from collections.abc import Iterator, Sequence
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -152,10 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelError, DataError, ValueError) as exc:  # bad input found while loading: no traceback
         print(f"run {run_id}: failed: {exc}", file=sys.stderr)
         return EXIT_CODES["failed"]
+    except RuntimeError as exc:  # the writer failed: the run was marked failed through a fresh connection
+        print(f"run {run_id}: failed: {exc}", file=sys.stderr)
+        return EXIT_CODES["failed"]
     finally:
         if progress is not None:
             progress.close()
-        recorder.close()
+        with contextlib.suppress(RuntimeError):  # reported above already when the writer failed
+            recorder.close()
     detail = f" ({outcome.error})" if outcome.error else ""
     print(f"run {run_id}: {outcome.status} after {outcome.steps} steps{detail}")
     return EXIT_CODES[outcome.status]

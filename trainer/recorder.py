@@ -7,6 +7,7 @@ thread owns the write connection and commits whatever has queued up in one trans
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -105,7 +106,16 @@ class Recorder:
             raise ValueError(f"runs has no columns {sorted(unknown)}")
         names = sorted(fields)
         sql = f"UPDATE runs SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?"
-        self._queue.put((sql, [(*(_sql_value(fields[n]) for n in names), self.run_id)]))
+        values = (*(_sql_value(fields[n]) for n in names), self.run_id)
+        if self.error is not None or not self._thread.is_alive():
+            # The writer died (a full disk, a broken database file): the run's end must still be written,
+            # or it would stay `running` for ever. One fresh connection, the row alone.
+            with contextlib.closing(sqlite3.connect(self.db_path, timeout=30)) as conn:
+                configure_sqlite(conn)
+                with conn:
+                    conn.execute(sql, values)
+            return
+        self._queue.put((sql, [values]))
 
     def flush(self) -> None:
         """Wait until every row queued so far is committed (a checkpoint must not run ahead of its rows)."""

@@ -116,3 +116,16 @@ def test_config_file_with_flag_override(home: Path, tmp_path: Path) -> None:
     assert main(["--config", str(cfg), "--max-steps", "4"]) == 0
     run = run_row(home)
     assert run["name"] == "from-yaml" and run["learning_rate"] == 0.002 and run["steps_done"] == 4
+
+
+def test_a_writer_failure_ends_the_run_failed_and_the_cli_says_why(home: Path) -> None:
+    proc = start(home, *LONG)
+    wait_for_steps(home, 5)
+    with sqlite3.connect(home / "stepscope.db", timeout=30) as conn:
+        conn.execute("ALTER TABLE step_rollups RENAME TO moved_away")  # the writer's next transaction fails
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "recording failed" in err and "Traceback" not in err
+    run = run_row(home)
+    assert run["status"] == "failed" and "step_rollups" in run["error"]  # written through a fresh connection
+    assert run["finished_at"] is not None
