@@ -213,7 +213,29 @@
   }
 
   /** A finished run: delete instead of cancel, and its verdict and analysis when they are there. */
+  /** A chart per metric of the run's own (a script's `run.log({"accuracy": ...})`), read again when asked. */
+  async function drawCustom() {
+    const { custom } = await S.getJSON(`/api/runs/${page.id}/metric-keys`);
+    if (!custom.length) return;
+    const q = new URLSearchParams({ keys: custom.join(","), max_points: 4000 });
+    const got = await S.getJSON(`/api/runs/${page.id}/metrics?${q}`);
+    for (const key of custom) {
+      const id = `chart-custom-${key}`;
+      let div = document.getElementById(id);
+      if (!div) {
+        div = document.createElement("div");
+        div.className = "chart custom";
+        div.id = id;
+        div.setAttribute("aria-label", key);
+        document.getElementById("charts").append(div);
+      }
+      const trace = { x: got.steps, y: got.series[key], mode: "lines", name: key, line: { color: "#444", width: 1.5 }, connectgaps: true };
+      Plotly.react(id, [trace], panelLayout(key, false), S.plotConfig);
+    }
+  }
+
   function showFinished(run) {
+    drawCustom().catch((err) => console.warn(err));
     const cancel = document.getElementById("cancel-form");
     if (cancel) cancel.hidden = true;
     document.getElementById("delete-form").hidden = false;
@@ -286,6 +308,7 @@
     await S.documentParsed; // Plotly is there
     append(await first);
     draw();
+    await drawCustom();
     let reload = null;
     smoothing.addEventListener("input", () => {
       smoothingValue.textContent = Number(smoothing.value).toFixed(2);

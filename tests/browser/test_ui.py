@@ -6,6 +6,7 @@ each page it visits under test-artifacts/.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import urllib.request
@@ -257,3 +258,26 @@ def test_a_range_test_from_the_form_suggests_a_rate_and_starts_a_sweep(page: Pag
     urllib.request.urlopen(urllib.request.Request(f"{server.url}/api/sweeps/{sweep_id}/cancel", method="POST"))
     wait_js(page, f"{sentence}.startsWith('No rate can be recommended')", TRAIN_TIMEOUT_MS)
     page.screenshot("range-test-sweep")
+
+
+def _post(server: Server, path: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        server.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def test_a_scripts_own_metrics_are_charted_on_its_run_page(page: Page, server: Server) -> None:
+    run = _post(server, "/api/external-runs", {"name": "from a script", "learning_rate": 1e-3})
+    rows = [{"step": s, "loss": 3 - s / 50, "lr": 1e-3, "accuracy": s / 100} for s in range(1, 41)]
+    _post(server, f"/api/runs/{run['id']}/steps", {"rows": rows})
+    _post(server, f"/api/runs/{run['id']}/finish", {"status": "completed"})
+    page.goto(f"/runs/{run['id']}")
+    p = page.page
+    p.wait_for_selector("body[data-ready=true]")
+    chart = "document.getElementById('chart-custom-accuracy')"
+    p.wait_for_function(f"() => {chart} && {chart}.data && {chart}.data[0].y.length === 40")
+    assert p.evaluate(f"() => {chart}.data[0].y[39]") == pytest.approx(0.4)
+    assert p.evaluate(f"() => {chart}.layout.title.text") == "accuracy"
+    assert page.errors == []
