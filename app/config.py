@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -43,6 +43,20 @@ class Settings(DataSettings):
     max_upload_bytes: int = 50 * 1024 * 1024
     cancel_grace_seconds: float = 15.0
     """Seconds a cancelled job gets to flush and save before it is killed."""
+    executor: Literal["local", "ray"] = "local"
+    """Where jobs run: `local` (subprocesses of this server) or `ray` (Ray jobs on the cluster at RAY_ADDRESS)."""
+    ray_address: str = "http://127.0.0.1:8265"
+    """The Ray cluster's dashboard address, which serves the Jobs API (with EXECUTOR=ray)."""
+    server_url: str = ""
+    """The address Ray jobs reach this server at to record their rows (default http://HOST:PORT)."""
+
+    @property
+    def reachable_url(self) -> str:
+        """Where a job on a Ray worker sends its rows (app.runner.ray_jobs)."""
+        if self.server_url:
+            return self.server_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

@@ -10,12 +10,13 @@ import sqlite3
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, HTTPException, Path, Request, status
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from app.config import Settings
 from app.runner import JobRunner
+from app.runner.executor import ClusterUnreachable
 
 MAX_ID = 2**63 - 1  # SQLite's INTEGER range: larger ids cannot exist (and would overflow the driver)
 
@@ -53,6 +54,16 @@ def get_runner(request: Request) -> JobRunner:
     return runner
 
 
+def executor_ready(runner: Annotated[JobRunner, Depends(get_runner)]) -> None:
+    """503 with the reason when the executor cannot take jobs (STEPSCOPE_EXECUTOR=ray, cluster unreachable)."""
+    try:
+        runner.check_ready()
+    except ClusterUnreachable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+
+
+ExecutorReady = Depends(executor_ready)
+"""On routes that queue runs: a cluster that cannot be reached is a 503 now, not a run that never starts."""
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SessionDep = Annotated[Session, Depends(get_session)]

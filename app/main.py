@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings, get_settings
 from app.routers import datasets, health, ingest, lr_range, metrics, models, runs, sweeps
-from app.runner import JobRunner
+from app.runner.ray_jobs import make_runner
 from app.security import RequestGuard
 from app.services import Conflict, NotFound
 from store.db import make_engine, upgrade
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
     """The stepscope app. `run_jobs=False` leaves queued runs queued (tests that must not train)."""
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
-    runner = JobRunner(settings, engine)
+    runner = make_runner(settings, engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import typing
 from collections.abc import Iterator, Sequence
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="JSON or YAML file of config fields (flags override it)")
     parser.add_argument("--run-id", type=int, help="run an existing queued run (used by the server's job runner)")
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="with --run-id: read the run from this stepscope server and record over its API (no database here)",
+    )
+    parser.add_argument("--token", metavar="T", help="with --server: the server's STEPSCOPE_TOKEN")
     parser.add_argument(
         "--resume",
         type=int,
@@ -108,15 +114,16 @@ def stop_on_signals(stop: Any) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from trainer.catalog import ModelError
-    from trainer.data import DataError
-    from trainer.loop import StopFlag, train
     from trainer.recorder import Recorder, new_run, run_config, run_process_alive
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     settings = DataSettings()
+    if hasattr(args, "server"):
+        if not hasattr(args, "run_id"):
+            parser.error("--server: only with --run-id (a run the server queued)")
+        return _run_remote(parser, args, settings)
     upgrade(settings.database_url)
     try:
         if hasattr(args, "run_id"):
@@ -140,13 +147,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         flag = "--run-id" if hasattr(args, "run_id") else "--resume"
         parser.error(f"{flag}: no run {getattr(args, 'run_id', getattr(args, 'resume', None))}")
 
-    stop = StopFlag()
-    recorder = Recorder(settings.db_path, run_id)
     progress = None
     if not hasattr(args, "run_id"):  # in a terminal (a new run, or one resumed by hand): a progress bar
         from tqdm import tqdm
 
         progress = tqdm(desc=f"run {run_id}", unit="step", dynamic_ncols=True)
+    return _train(cfg, run_id, settings, Recorder(settings.db_path, run_id), progress)
+
+
+def _run_remote(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: DataSettings) -> int:
+    """A queued run of a server elsewhere (a Ray job): its config over HTTP, its rows over the ingest API."""
+    from trainer.http_recorder import HttpRecorder, fetch_run
+
+    try:
+        values, status = fetch_run(args.server, getattr(args, "token", None), args.run_id)
+    except KeyError:
+        parser.error(f"--run-id: no run {args.run_id} on {args.server}")
+    if status != "queued":
+        parser.error(f"--run-id: run {args.run_id} is {status}, not queued")
+    try:
+        cfg = make_config(values)
+    except ConfigError as exc:
+        parser.error(f"{exc.field}: {exc.reason}")
+    return _train(cfg, args.run_id, settings, HttpRecorder(args.server, args.run_id, getattr(args, "token", None)))
+
+
+def _train(cfg: TrainConfig, run_id: int, settings: DataSettings, recorder: Any, progress: Any = None) -> int:
+    from trainer.catalog import ModelError
+    from trainer.data import DataError
+    from trainer.loop import StopFlag, train
+
+    stop = StopFlag()
     try:
         with stop_on_signals(stop):
             outcome = train(cfg, run_id, settings.home, recorder, stop, progress)

@@ -574,6 +574,15 @@ def recorded_history(db_path: Path, run_id: int, upto: int) -> History:
     return history
 
 
+def _recorded(recorder: Any, run_id: int, upto: int) -> History:
+    """A resumed run's history, from the database or, for a job recording over HTTP, from the server."""
+    if not hasattr(recorder, "recorded"):
+        return recorded_history(recorder.db_path, run_id, upto)
+    history = History()
+    history.extend(*recorder.recorded(upto))
+    return history
+
+
 def save_adapter(s: Setup, run_dir: Path) -> Path:
     target = run_dir / "adapter"
     s.model.save_pretrained(target)
@@ -601,7 +610,7 @@ def train(
         run_dir = home / "runs" / str(run_id)
         found = checkpoints.latest(run_dir)
         resume = checkpoints.load(found) if found is not None else None
-        history = recorded_history(recorder.db_path, run_id, resume["step"]) if resume else History()
+        history = _recorded(recorder, run_id, resume["step"]) if resume else History()
         if resume is not None:
             log.info("run %d: resuming after step %d from %s", run_id, resume["step"], found)
         if progress is not None and resume is not None:

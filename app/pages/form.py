@@ -17,10 +17,11 @@ from sqlmodel import Session, col, select
 from starlette.datastructures import FormData, UploadFile
 
 from app import services
-from app.deps import MAX_ID, SessionDep, SettingsDep
+from app.deps import MAX_ID, RunnerDep, SessionDep, SettingsDep
 from app.pages.render import CheckedForm, not_found, render, require_sign_in
 from app.routers.datasets import save_dataset
 from app.routers.lr_range import range_test_name
+from app.runner.executor import ClusterUnreachable
 from store.tables import Dataset, Run
 from trainer.catalog import BUILTIN_MODELS
 from trainer.config import RANGE_TEST_STEPS, ConfigError, TrainConfig, field_help
@@ -339,7 +340,7 @@ def new_run_form(
 
 
 @router.post("/runs/new", response_class=HTMLResponse, response_model=None)
-def new_run_submit(request: Request, session: SessionDep, form: CheckedForm) -> Response:
+def new_run_submit(request: Request, session: SessionDep, runner: RunnerDep, form: CheckedForm) -> Response:
     values, sweep = form_values(form), sweep_values(form)
     rates: list[float] = []
     sweep_errors: dict[str, str] = {}
@@ -353,6 +354,10 @@ def new_run_submit(request: Request, session: SessionDep, form: CheckedForm) -> 
         return form_page(request, session, values, errors, sweep)
     if config.kind == "lr_range_test" and not config.name:
         config.name = range_test_name(config.model_dump())
+    try:
+        runner.check_ready()
+    except ClusterUnreachable as exc:  # nothing is queued: the form stays filled in, with the reason
+        return form_page(request, session, values, {"": f"Nothing was queued: {exc}"}, sweep)
     try:
         if rates:
             created_sweep = services.create_sweep(session, config, rates)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Response, status
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from app.deps import MAX_ID, DbDep, RunId, SessionDep
 from app.routers.runs import get_run, run_summary
@@ -169,15 +169,16 @@ def _claim(db: sqlite3.Connection, run_id: int) -> None:
     The UPDATE comes first, so the transaction holds SQLite's write lock from the check on: a `finish`
     cannot slip in between the check and the rows.
     """
-    sql = "UPDATE runs SET heartbeat_at = ? WHERE id = ? AND kind = ? AND status = ?"
-    if db.execute(sql, (sqlite_time(utcnow()), run_id, EXTERNAL, RunStatus.running.value)).rowcount == 1:
+    # A built-in run's own job may record through here too (the engine's HTTP recorder, a job on a Ray worker).
+    sql = "UPDATE runs SET heartbeat_at = ? WHERE id = ? AND status = ?"
+    if db.execute(sql, (sqlite_time(utcnow()), run_id, RunStatus.running.value)).rowcount == 1:
         return
     db.rollback()
     row = db.execute("SELECT kind, status FROM runs WHERE id = ?", (run_id,)).fetchone()
     if row is None:
         raise NotFound(f"no run with id {run_id}")
-    if row[0] != EXTERNAL:
-        raise Conflict(f"run {run_id} is a built-in run: its own job records it")
+    if row[0] != EXTERNAL and row[1] == RunStatus.queued.value:
+        raise Conflict(f"run {run_id} is a built-in run that has not started: its own job records it")
     raise Conflict(f"run {run_id} already finished ({row[1]})")
 
 
@@ -336,3 +337,45 @@ def metric_keys(run_id: RunId, session: SessionDep, db: DbDep) -> MetricKeys:
     """The keys `GET /api/runs/{id}/metrics?keys=` takes for this run: the standard ones and its own."""
     get_run(session, run_id)
     return MetricKeys(standard=list(METRIC_KEYS), custom=scalar_keys(db, run_id))
+
+
+JOB_COLUMNS = frozenset(
+    {"status", "started_at", "finished_at", "device", "pid", "error", "error_step", "n_train", "n_eval",
+     "updates_per_epoch", "total_steps", "trainable_params", "total_params", "steps_done", "last_loss",
+     "best_loss", "last_eval_loss", "summary", "verdict"}
+)  # fmt: skip
+"""The columns of a built-in run that its own job writes (trainer.recorder.Recorder.update_run)."""
+
+
+class JobFields(BaseModel):
+    fields: dict[str, Any] = Field(description="Columns of the run's row: its plan, progress, status and summary")
+
+
+@router.post("/api/runs/{run_id}/job", response_model=RunPublic)
+def update_job_run(run_id: RunId, body: JobFields, session: SessionDep) -> Run:
+    """What a built-in run's job records about its run (the engine's HTTP recorder, `python -m trainer --server`):
+    the columns `Recorder.update_run` sets locally, each checked against its column's type. Only while the run
+    is queued or running (409 once it ended: a job the runner already settled does not reopen its run)."""
+    run = get_run(session, run_id)
+    if run.kind == EXTERNAL:
+        raise Conflict(f"run {run_id} is an external run: it ends through /finish")
+    if run.status not in (RunStatus.queued, RunStatus.running):
+        raise Conflict(f"run {run_id} already finished ({run.status.value})")
+    for name, value in body.fields.items():
+        if name not in JOB_COLUMNS:
+            raise _unprocessable(["fields", name], f"not a column a job writes ({', '.join(sorted(JOB_COLUMNS))})")
+        try:
+            checked = TypeAdapter(Run.model_fields[name].annotation or Any).validate_python(value)
+        except ValidationError as exc:
+            raise _unprocessable(["fields", name], exc.errors()[0]["msg"]) from None
+        if isinstance(checked, float) and not math.isfinite(checked) and name not in ("last_loss", "best_loss"):
+            raise _unprocessable(["fields", name], "must be a finite number")
+        if isinstance(checked, int) and not isinstance(checked, bool) and not 0 <= checked <= MAX_ID:
+            raise _unprocessable(["fields", name], f"must be between 0 and {MAX_ID}")
+        if name == "summary" and checked is not None and not _finite_json(checked):
+            raise _unprocessable(["fields", name], "may hold only finite numbers")
+        setattr(run, name, checked)
+    session.add(run)
+    session.commit()
+    session.refresh(run)
+    return run

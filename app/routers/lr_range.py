@@ -13,7 +13,7 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlmodel import Session
 
-from app.deps import RunId, SessionDep
+from app.deps import ExecutorReady, RunId, SessionDep
 from app.routers.sweeps import SweepPublic, sweep_public
 from app.security import TokenDep
 from app.services import Conflict, NotFound, create_run, create_sweep
@@ -83,7 +83,7 @@ def suggested_sweep(session: Session, run_id: int) -> Sweep:
     return create_sweep(session, base, rates, name=f"from range test {run_id}")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic, dependencies=[ExecutorReady])
 def create(body: RangeTestCreate, session: SessionDep) -> Run:
     """Queue an LR range test: the learning rate grows exponentially from `min_lr` to `max_lr` over
     `num_steps` steps, stopping early once the smoothed loss passes 4x its best. When it ends, GET
@@ -95,7 +95,9 @@ def create(body: RangeTestCreate, session: SessionDep) -> Run:
         raise ConfigError(f"config.{exc.field}", exc.reason) from None
 
 
-@router.post("/{run_id}/sweep", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
+@router.post(
+    "/{run_id}/sweep", status_code=status.HTTP_201_CREATED, response_model=SweepPublic, dependencies=[ExecutorReady]
+)
 def create_suggested_sweep(run_id: RunId, session: SessionDep) -> SweepPublic:
     """Queue a sweep of five rates around a completed range test's suggested rate (its `sweep_lrs`), with
     the test's config otherwise (kind `train`). 409 if the run is not a completed range test with one."""

@@ -14,7 +14,7 @@ from sqlmodel import SQLModel, select
 
 from analysis.range_test import lr_range_suggestions
 from analysis.runs import summarize_run
-from app.deps import MAX_ID, DbDep, RunId, SessionDep, SettingsDep
+from app.deps import MAX_ID, DbDep, ExecutorReady, RunId, SessionDep, SettingsDep
 from app.security import TokenDep
 from app.services import NotFound, cancel_run, create_run, delete_run, resume_run, runs_filter
 from store.metrics import EVAL_KEY, read_metrics
@@ -138,7 +138,7 @@ def _filtered(
     return runs_filter(status, sweep_id, name, sort.removeprefix("-"), descending=sort.startswith("-"))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic, dependencies=[ExecutorReady])
 def create(config: TrainConfig, session: SessionDep) -> Run:
     """Queue a training run. The body is the training config (every field optional)."""
     return create_run(session, config)

@@ -11,7 +11,7 @@ from sqlalchemy import func
 from sqlmodel import SQLModel, col, select
 
 from analysis.sweeps import summarize_sweep
-from app.deps import MAX_ID, DbDep, SessionDep
+from app.deps import MAX_ID, DbDep, ExecutorReady, SessionDep
 from app.routers.runs import Verdict, run_summary
 from app.security import TokenDep
 from app.services import MAX_SWEEP_RUNS, NotFound, cancel_sweep, create_sweep, log_spaced, sweep_runs
@@ -119,7 +119,7 @@ def sweep_public(session: SessionDep, sweep: Sweep) -> SweepPublic:
     return SweepPublic.model_validate(sweep, update={"runs": runs})
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic, dependencies=[ExecutorReady])
 def create(body: SweepCreate, session: SessionDep) -> SweepPublic:
     """Queue one run per learning rate, all with the base config otherwise."""
     return sweep_public(session, create_sweep(session, body.config, body.rates(), name=body.name))

@@ -101,6 +101,9 @@ class JobRunner:
         self._lock_file.close()
         self._lock_file, self.active = None, False
 
+    def check_ready(self) -> None:
+        """Raise app.runner.executor.ClusterUnreachable when no job could start now (never, for subprocesses)."""
+
     @property
     def max_concurrent(self) -> int:
         return self.settings.max_concurrent_runs or max(1, len(self.gpus or []))

@@ -1,0 +1,183 @@
+"""Runs and sweeps on a real local Ray cluster (STEPSCOPE_EXECUTOR=ray), each job recording over HTTP into a
+real `stepscope serve` process: a sweep completes, a cancel stops its Ray job, a killed worker leaves its run
+interrupted, a server restart re-attaches to the running job, and a cluster that is down gives 503."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from store.db import make_engine, upgrade
+from tests.browser.conftest import Server, serve
+from tests.conftest import free_port, wait_for
+from tests.ray.conftest import serve_on
+
+pytestmark = pytest.mark.ray
+
+TINY = {"model": "tiny-random-llama", "dataset": "synthetic-lookup", "eval_every": 25, "checkpoint_every": 0}
+LONG = TINY | {"max_steps": 5000}
+
+
+def call(server: Server, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        server.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def run(server: Server, run_id: int) -> dict[str, Any]:
+    status, body = call(server, "GET", f"/api/runs/{run_id}")
+    assert status == 200, body
+    return dict(body)
+
+
+def steps(db: Path, run_id: int) -> list[int]:
+    with sqlite3.connect(db, timeout=30) as conn:
+        return [r[0] for r in conn.execute("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", (run_id,))]
+
+
+def pid_of(db: Path, run_id: int) -> int | None:
+    with sqlite3.connect(db, timeout=30) as conn:
+        pid: int | None = conn.execute("SELECT pid FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        return pid
+
+
+def ray_jobs(server: Server, ray_address: str, run_id: int) -> list[Any]:
+    """The run's jobs on the cluster (the cluster is shared by the tests: each server's run 1 is another run)."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_address).list_jobs()
+    return [j for j in jobs if j.entrypoint.endswith(f"--run-id {run_id} --server {server.url}")]
+
+
+def finished_job(server: Server, ray_address: str, run_id: int) -> Any:
+    """The run's only Ray job, once it ended (its process exits a moment after the run records its end)."""
+
+    def one_ended() -> Any:
+        (job,) = ray_jobs(server, ray_address, run_id)
+        return job if job.status.is_terminal() else None
+
+    return wait_for(one_ended, timeout=60, what=f"run {run_id}'s Ray job to end")
+
+
+def ended(server: Server, run_id: int, timeout: float = 150) -> dict[str, Any]:
+    return wait_for(
+        lambda: (r := run(server, run_id))["status"] not in ("queued", "running") and r,
+        timeout=timeout,
+        what=f"run {run_id} to end",
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve(tmp_path_factory.mktemp("ray-home"), executor="ray", ray_address=ray_address) as server:
+        yield server
+
+
+def test_a_sweep_runs_through_ray_and_records_every_step_over_http(ray_server: Server, ray_address: str) -> None:
+    status, sweep = call(
+        ray_server, "POST", "/api/sweeps", {"config": TINY | {"max_steps": 50}, "learning_rates": [1e-4, 1e-3, 1e-2]}
+    )
+    assert status == 201, sweep
+    ids = [r["id"] for r in sweep["runs"]]
+    for run_id in ids:
+        done = ended(ray_server, run_id)
+        assert done["status"] == "completed", done["error"]
+        assert done["steps_done"] == 50 and done["total_steps"] == 50 and done["summary"] is not None
+        assert steps(ray_server.db, run_id) == list(range(1, 51))  # every step, once
+        job = finished_job(ray_server, ray_address, run_id)
+        assert job.status.value == "SUCCEEDED" and f"--run-id {run_id} --server {ray_server.url}" in job.entrypoint
+        assert job.metadata["stepscope_run"] == str(run_id)
+
+
+def test_cancel_stops_the_ray_job_and_the_run_keeps_its_rows(ray_server: Server, ray_address: str) -> None:
+    status, created = call(ray_server, "POST", "/api/runs", LONG)
+    assert status == 201, created
+    run_id = created["id"]
+    wait_for(lambda: len(steps(ray_server.db, run_id)) >= 3, timeout=120, what="steps")
+    assert call(ray_server, "POST", f"/api/runs/{run_id}/cancel")[0] == 200
+    done = ended(ray_server, run_id, timeout=60)
+    assert done["status"] == "cancelled"
+    assert len(steps(ray_server.db, run_id)) >= 3
+    assert finished_job(ray_server, ray_address, run_id).status.value == "STOPPED"
+
+
+def test_a_killed_worker_leaves_its_run_interrupted_and_it_resumes(ray_server: Server, ray_address: str) -> None:
+    status, created = call(ray_server, "POST", "/api/runs", TINY | {"max_steps": 300, "checkpoint_every": 10})
+    assert status == 201, created
+    run_id = created["id"]
+    checkpoints = ray_server.home / "runs" / str(run_id) / "checkpoints"
+    wait_for(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), timeout=120, what="a checkpoint")
+    pid = pid_of(ray_server.db, run_id)  # the job's own process (it records its pid as it starts)
+    assert pid and pid != ray_server.process.pid
+    os.kill(pid, signal.SIGKILL)
+    done = ended(ray_server, run_id, timeout=60)
+    assert done["status"] == "interrupted", done
+    assert "Ray job" in done["error"]
+    # Resumed: a second Ray job goes on from the checkpoint (its history read back over HTTP), each step once.
+    assert call(ray_server, "POST", f"/api/runs/{run_id}/resume")[0] == 200
+    done = ended(ray_server, run_id)
+    assert done["status"] == "completed", done["error"]
+    assert steps(ray_server.db, run_id) == list(range(1, 301)) and done["summary"] is not None
+    attempts = sorted(j.submission_id for j in ray_jobs(ray_server, ray_address, run_id))
+    assert [a.rsplit("-", 1)[1] for a in attempts] == ["1", "2"]
+    from ray.job_submission import JobSubmissionClient
+
+    assert "resuming after step" in JobSubmissionClient(ray_address).get_job_logs(attempts[1])
+
+
+def test_a_restarted_server_reattaches_to_the_running_job(ray_address: str, tmp_path: Path) -> None:
+    home, port = tmp_path / "home", free_port()
+    home.mkdir()
+    with serve_on(home, port, executor="ray", ray_address=ray_address) as first:
+        status, created = call(first, "POST", "/api/runs", TINY | {"max_steps": 300})
+        assert status == 201, created
+        run_id = created["id"]
+        wait_for(lambda: len(steps(first.db, run_id)) >= 3, timeout=120, what="steps")
+    # The job trains on while no server answers: its recorder keeps the requests and sends them later.
+    with serve_on(home, port, executor="ray", ray_address=ray_address) as second:
+        assert run(second, run_id)["status"] in ("running", "completed")  # its last rows may be in already
+        done = ended(second, run_id)
+        assert done["status"] == "completed", done["error"]
+        assert steps(second.db, run_id) == list(range(1, 301))  # each step once
+        assert finished_job(second, ray_address, run_id).status.value == "SUCCEEDED"  # the one attempt: not resubmitted
+        assert "watching its Ray job" in (home / "server.log").read_text()
+
+
+def test_a_cluster_that_cannot_be_reached_is_a_503_and_queued_runs_wait(tmp_path: Path) -> None:
+    pytest.importorskip("ray.job_submission")
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home / 'stepscope.db'}"
+    upgrade(url)
+    from sqlmodel import Session
+
+    from app.services import create_run
+    from trainer.config import TrainConfig
+
+    engine = make_engine(url)
+    with Session(engine) as session:
+        queued = create_run(session, TrainConfig(**TINY, max_steps=5)).id
+    engine.dispose()
+    dead = f"http://127.0.0.1:{free_port()}"
+    with serve(home, executor="ray", ray_address=dead) as server:
+        status, body = call(server, "POST", "/api/runs", TINY | {"max_steps": 5})
+        assert status == 503 and "cannot be reached" in body["detail"] and dead in body["detail"]
+        status, body = call(server, "POST", "/api/sweeps", {"config": TINY, "learning_rates": [1e-3, 1e-2]})
+        assert status == 503
+        wait_for(lambda: "cannot be reached" in (home / "server.log").read_text(), timeout=30, what="a poll")
+        assert run(server, queued)["status"] == "queued" and pid_of(server.db, queued) is None

@@ -1,0 +1,72 @@
+"""The engine recording over HTTP (`python -m trainer --run-id N --server URL`) into a real server, and the
+ingest API's /job route that takes a built-in run's own columns."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from app.config import Settings
+from app.main import create_app
+from app.services import create_run
+from store.db import make_engine
+from tests.browser.conftest import REPO, serve
+from tests.conftest import free_port
+from trainer.config import TrainConfig
+from trainer.http_recorder import _coalesce
+
+TINY = {"model": "tiny-random-llama", "dataset": "synthetic-lookup", "eval_every": 10, "checkpoint_every": 0}
+
+
+def queue_run(settings: Settings, **config: object) -> int:
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        run_id = create_run(session, TrainConfig(**TINY, **config)).id
+    engine.dispose()
+    assert run_id is not None
+    return run_id
+
+
+def test_a_job_given_a_server_url_records_every_step_over_http(settings: Settings, home: Path) -> None:
+    pytest.importorskip("ray.job_submission")
+    run_id = queue_run(settings, max_steps=30)
+    # A Ray executor whose cluster nobody answers: the server starts no job itself, the run waits for ours.
+    with serve(home, executor="ray", ray_address=f"http://127.0.0.1:{free_port()}") as server:
+        done = subprocess.run(
+            [sys.executable, "-m", "trainer", "--run-id", str(run_id), "--server", server.url],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    with sqlite3.connect(settings.db_path) as conn:
+        status, total, steps_done, summary = conn.execute(
+            "SELECT status, total_steps, steps_done, summary FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        steps = [r[0] for r in conn.execute("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", (run_id,))]
+        evals = conn.execute("SELECT count(*) FROM eval_metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
+    assert (status, total, steps_done) == ("completed", 30, 30) and summary is not None
+    assert steps == list(range(1, 31)) and evals == 3
+
+
+def test_the_job_route_takes_a_built_in_runs_columns_and_nothing_else(settings: Settings) -> None:
+    run_id = queue_run(settings, max_steps=5)
+    with TestClient(create_app(settings, run_jobs=False)) as client:
+        answer = client.post(f"/api/runs/{run_id}/job", json={"fields": {"status": "running", "total_steps": 5}})
+        assert answer.status_code == 200 and answer.json()["total_steps"] == 5
+        bad = client.post(f"/api/runs/{run_id}/job", json={"fields": {"config": {}}})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "fields", "config"]
+        assert client.post(f"/api/runs/{run_id}/job", json={"fields": {"steps_done": -1}}).status_code == 422
+        assert client.post(f"/api/runs/{run_id}/job", json={"fields": {"status": "completed"}}).status_code == 200
+        assert client.post(f"/api/runs/{run_id}/job", json={"fields": {"steps_done": 5}}).status_code == 409
+        external = client.post("/api/external-runs", json={"name": "script"}).json()["id"]
+        assert client.post(f"/api/runs/{external}/job", json={"fields": {"steps_done": 1}}).status_code == 409
+
+
+def test_requests_in_a_row_are_sent_as_few_in_order() -> None:
+    batches = [("job", {"a": 1}), ("steps", [1]), ("steps", [2]), ("job", {"a": 2}), ("job", {"b": 3}), ("evals", [9])]
+    assert _coalesce(batches) == [("job", {"a": 1}), ("steps", [1, 2]), ("job", {"a": 2, "b": 3}), ("evals", [9])]

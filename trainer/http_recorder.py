@@ -1,0 +1,192 @@
+"""Records a run over the server's ingest API instead of into its database: a job on another machine (a Ray
+worker) trains and records without touching the server's SQLite file.
+
+Same interface as `trainer.recorder.Recorder` (steps, evals, update_run, flush, close, error), same
+promise: the training loop hands rows over and never waits for the network. One sender thread posts
+what has queued up, in order (a run's columns after the rows before them), through the stepscope
+client's transport (`stepscope.client`). While the server cannot be reached (restarting, say) the
+requests wait and are retried, oldest first; the ingest API is idempotent on (run, step), so a batch
+whose answer was lost and that is sent again is recorded once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import time
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from stepscope.client import MAX_ROWS_PER_REQUEST, NON_FINITE_ALLOWED, _Transport, _Unreachable
+from store.tables import STEP_COLUMNS
+
+RETRY_SECONDS = 0.5
+CLOSE_WAIT_SECONDS = 120.0
+"""How long `close` keeps trying to reach a server that is down before the rows are given up."""
+_CLOSE = object()
+
+
+def fetch_run(server: str, token: str | None, run_id: int) -> tuple[dict[str, Any], str]:
+    """(config dict, status) of a run, from GET /api/runs/{id}; KeyError if there is none."""
+    import urllib.error
+    import urllib.request
+
+    transport = _Transport(server, token)
+    request = urllib.request.Request(f"{transport.server}/api/runs/{run_id}", headers=transport.headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            run = json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise KeyError(run_id) from None
+        raise
+    return run["config"], run["status"]
+
+
+def _value(name: str, value: Any) -> Any:
+    """A column's value as JSON: times in ISO form, statuses by name, non-finite metrics as null."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value) and name not in NON_FINITE_ALLOWED:
+        return None
+    if isinstance(value, dict):  # a run's summary: JSON has no NaN
+        return {str(k): _value("", v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_value("", v) for v in value]
+    return value
+
+
+class HttpRecorder:
+    """Queue rows from the training loop; one thread posts them to the server. `close()` drains and joins."""
+
+    def __init__(self, server: str, run_id: int, token: str | None = None) -> None:
+        self.server = server
+        self.run_id = run_id
+        self.error: BaseException | None = None
+        self._transport = _Transport(server, token)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="stepscope-http-recorder", daemon=True)
+        self._thread.start()
+
+    # --- called from the training loop -----------------------------------------------------------
+
+    def steps(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows of (step, *STEP_COLUMNS)."""
+        if rows:
+            names = ("step", *STEP_COLUMNS)
+            self._queue.put(("steps", [{n: _value(n, v) for n, v in zip(names, row, strict=True)} for row in rows]))
+
+    def evals(self, rows: list[tuple[int, float | None, float]]) -> None:
+        """Rows of (step, eval_loss, wall_time)."""
+        if rows:
+            self._queue.put(("evals", [{"step": s, "eval_loss": e, "wall_time": w} for s, e, w in rows]))
+
+    def update_run(self, **fields: Any) -> None:
+        """Set columns of this run's row, in order with the rows queued before."""
+        self._queue.put(("job", {name: _value(name, value) for name, value in fields.items()}))
+
+    def recorded(self, upto: int) -> tuple[list[tuple[Any, ...]], list[tuple[int, float | None, float]]]:
+        """The rows and evals the run recorded up to step `upto` (a resumed run's history), from its CSV export."""
+        import csv
+        import io
+        import urllib.request
+
+        url = f"{self._transport.server}/api/runs/{self.run_id}/metrics.csv"
+        request = urllib.request.Request(url, headers=self._transport.headers)
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            table = csv.reader(io.StringIO(answer.read().decode()))
+        header = next(table)
+        at = {name: i for i, name in enumerate(header)}
+        rows: list[tuple[Any, ...]] = []
+        evals: list[tuple[int, float | None, float]] = []
+        for line in table:
+            step = int(line[0])
+            if step > upto:
+                break
+            if any(line[at[c]] for c in STEP_COLUMNS):
+                rows.append((step, *(float(line[at[c]]) if line[at[c]] else None for c in STEP_COLUMNS)))
+            if line[at["eval_loss"]]:
+                evals.append((step, float(line[at["eval_loss"]]), 0.0))
+        return rows, evals
+
+    def flush(self) -> None:
+        """Wait until every row queued so far is recorded by the server (a checkpoint must not run ahead)."""
+        done = threading.Event()
+        self._queue.put(done)
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        if self.error is not None:
+            raise RuntimeError(f"recording failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        self._queue.put(_CLOSE)
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"recording failed: {self.error}") from self.error
+
+    # --- the sender thread -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            done = False
+            while not done:
+                batch = [self._queue.get()]
+                while True:  # everything that queued up meanwhile goes in as few requests as it can
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is _CLOSE:
+                    batch.pop()
+                    done = True
+                flushed = [item for item in batch if isinstance(item, threading.Event)]
+                self._send_all(_coalesce([item for item in batch if isinstance(item, tuple)]), closing=done)
+                for event in flushed:
+                    event.set()
+        except BaseException as exc:  # reported by flush/close and the loop's next record()
+            self.error = exc
+
+    def _send_all(self, requests: list[tuple[str, Any]], closing: bool) -> None:
+        give_up = time.monotonic() + CLOSE_WAIT_SECONDS
+        for op, body in requests:
+            while True:
+                try:
+                    self._post(op, body)
+                    break
+                except ValueError as exc:
+                    if "(409)" not in str(exc):
+                        raise
+                    return  # the run ended on the server (the runner settled it): nothing more to record
+                except _Unreachable:  # the server restarts, or the network hiccups: try again, in order
+                    if closing and time.monotonic() > give_up:
+                        raise
+                    time.sleep(RETRY_SECONDS)
+
+    def _post(self, op: str, body: Any) -> None:
+        if op == "job":
+            self._transport.post(f"/api/runs/{self.run_id}/job", {"fields": body})
+        else:
+            self._transport.post(f"/api/runs/{self.run_id}/{op}", {"rows": body})
+
+
+def _coalesce(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Adjacent batches of the same kind as one request (at most MAX_ROWS_PER_REQUEST rows); column updates
+    in a row as one, later values winning. The order between kinds is kept."""
+    out: list[tuple[str, Any]] = []
+    for op, body in items:
+        if out and out[-1][0] == op:
+            last = out[-1][1]
+            if op == "job":
+                last.update(body)
+                continue
+            if len(last) + len(body) <= MAX_ROWS_PER_REQUEST:
+                last.extend(body)
+                continue
+        out.append((op, dict(body) if op == "job" else list(body)))
+    return out
