@@ -8,7 +8,8 @@ cost against the direct SQLite writer.
    through `trainer.recorder.Recorder` (SQLite) and `trainer.http_recorder.HttpRecorder` (into a real
    server on loopback), timed until the last row is stored: rows per second and the ratio.
 3. A whole run: the tiny model's --steps steps recorded directly (`python -m trainer --run-id N`) and over
-   HTTP (`--server URL`): the wall time of its last step, and the ratio.
+   HTTP (`--server URL`), --repeats pairs in alternating order: the median wall time of the last step, and
+   the ratio. On a loaded machine (shared cores) read the spread printed next to it.
 
     .venv/bin/python bench/ray_jobs.py                 # writes bench/results/ray-cpu.txt
 """
@@ -163,10 +164,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20_000)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ray-cpu.txt")
     args = parser.parse_args()
-    lines = [f"# bench/ray_jobs.py on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"]
+    # One torch thread a job: on 2 shared cores, two threads a job against the server and other users' work
+    # made the same 100 steps take 3 s or 30 s from one run to the next.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    lines = [f"# bench/ray_jobs.py on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, "
+             f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"]  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as tmp:
         root = Path(tmp)
@@ -186,19 +191,27 @@ def main() -> None:
         # the trainers started by hand below, and the server only records.
         home = root / "rec"
         home.mkdir()
-        ids = queued_runs(home, [TINY | {"max_steps": 1}] * 2 + [TINY | {"max_steps": args.steps}] * 2)
+        pairs = args.repeats
+        ids = queued_runs(home, [TINY | {"max_steps": 1}] * 2 + [TINY | {"max_steps": args.steps}] * (2 * pairs))
         db = home / "stepscope.db"
         with server(home, executor="ray", ray_address=f"http://127.0.0.1:{free_port()}") as url:
             direct, http = recorder_rates(url, db, (ids[0], ids[1]), args.rows)
             lines.append(f"recorder, {args.rows} rows: direct SQLite {direct:,.0f} rows/s, HTTP {http:,.0f} rows/s"
                          f"  (HTTP/direct throughput {http / direct:.3f})")  # fmt: skip
             env = os.environ | {"STEPSCOPE_HOME": str(home)}
-            for run_id, extra in ((ids[2], []), (ids[3], ["--server", url])):
-                subprocess.run([sys.executable, "-m", "trainer", "--run-id", str(run_id), *extra], cwd=REPO, env=env,
-                               check=True, capture_output=True)  # fmt: skip
-            walls = last_step_wall(db, ids[2]), last_step_wall(db, ids[3])
-            lines.append(f"tiny run, {args.steps} steps: direct {walls[0]:.2f} s, HTTP {walls[1]:.2f} s"
-                         f"  (HTTP/direct wall time {walls[1] / walls[0]:.3f})")  # fmt: skip
+            walls: dict[str, list[float]] = {"direct": [], "http": []}
+            for i in range(pairs):  # alternating (direct, HTTP), (HTTP, direct), ...: drift hits both alike
+                order = [("direct", []), ("http", ["--server", url])]
+                for j, (kind, extra) in enumerate(order if i % 2 == 0 else order[::-1]):
+                    run_id = ids[2 + 2 * i + j]
+                    subprocess.run([sys.executable, "-m", "trainer", "--run-id", str(run_id), *extra], cwd=REPO,
+                                   env=env, check=True, capture_output=True)  # fmt: skip
+                    walls[kind].append(last_step_wall(db, run_id))
+            d, h = statistics.median(walls["direct"]), statistics.median(walls["http"])
+            spread = f"direct {[round(w, 2) for w in walls['direct']]}, HTTP {[round(w, 2) for w in walls['http']]}"
+            lines.append(f"tiny run, {args.steps} steps, median of {pairs}: direct {d:.2f} s, HTTP {h:.2f} s"
+                         f"  (HTTP/direct wall time {h / d:.3f}; {spread})")  # fmt: skip
+    lines.append("load average (1, 5, 15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     print("\n".join(lines))
     args.out.write_text("\n".join(lines) + "\n")
 
