@@ -121,7 +121,8 @@ def test_a_killed_worker_leaves_its_run_interrupted_and_it_resumes(ray_server: S
     assert status == 201, created
     run_id = created["id"]
     checkpoints = ray_server.home / "runs" / str(run_id) / "checkpoints"
-    wait_for(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), timeout=120, what="a checkpoint")
+    # A whole checkpoint (a `.saving-` folder is one being written, renamed into place when complete).
+    wait_for(lambda: any(checkpoints.glob("step-*/state.pt")), timeout=120, what="a checkpoint")
     pid = pid_of(ray_server.db, run_id)  # the job's own process (it records its pid as it starts)
     assert pid and pid != ray_server.process.pid
     os.kill(pid, signal.SIGKILL)
