@@ -20,7 +20,7 @@ from tests.browser.conftest import REPO, Server, wait_until_up
 from tests.conftest import free_port, wait_for
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after its tests: the later ones get both cores
 def ray_address() -> Iterator[str]:
     pytest.importorskip("ray.job_submission", reason='the ray extra is not installed (pip install -e ".[ray]")')
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short (< 108 bytes)
