@@ -1,4 +1,4 @@
-"""A real one-node Ray cluster for the session (`ray start --head`, two CPUs, free ports, a temporary folder),
+"""A real one-node Ray cluster for the Ray tests (`ray start --head`, two CPUs, free ports, a temporary folder),
 stopped at the end. Its jobs find the virtual environment's `python` first on their PATH."""
 
 from __future__ import annotations
