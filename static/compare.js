@@ -10,15 +10,17 @@
 (() => {
   const S = Stepscope;
   const page = S.pageData();
-  const PARTS = { main: ["loss"], panels: ["lr", "grad_norm", "update_ratio", "step_scale"] };
+  const PARTS = { main: ["loss"], panels: ["lr", "grad_norm", "update_ratio", "step_scale", "grad_alignment"] };
   const MAX_POINTS = 1000;
   // Stacked panels sharing one x axis, so zooming one zooms all. `size` is the share of the height.
   const PANELS = [
-    { key: "loss", title: "loss", size: 0.4 },
-    { key: "lr", title: "lr", size: 0.15, log: true },
-    { key: "grad_norm", title: "‖g‖", size: 0.15, log: true },
-    { key: "update_ratio", title: "‖Δw‖/‖w‖", size: 0.15, log: true },
-    { key: "step_scale", title: "‖Δw‖/(lr·‖g‖)", size: 0.15, log: true, one: true },
+    { key: "loss", title: "loss", size: 0.34 },
+    { key: "lr", title: "lr", size: 0.13, log: true },
+    { key: "grad_norm", title: "‖g‖", size: 0.13, log: true },
+    { key: "update_ratio", title: "‖Δw‖/‖w‖", size: 0.13, log: true },
+    { key: "step_scale", title: "‖Δw‖/(lr·‖g‖)", size: 0.13, log: true, one: true },
+    // cos(g_t, θ_{t−1} − θ_t), smoothed: above zero the steps were too short, below they overshot.
+    { key: "grad_alignment", title: "alignment", size: 0.14, zero: true, smoothed: true },
   ];
   const X_TITLES = { step: "step", epoch: "epoch", samples: "samples seen", wall_time: "wall time (s)" };
   const controls = {
@@ -61,6 +63,9 @@
         }
         const smoothed = run.main.smoothed?.loss || S.smooth(y, weight); // the server's, over every step
         out.push({ ...common, y: smoothed, showlegend: true, line: { color: run.color, width: 2 } });
+      } else if (p.smoothed) {
+        const smoothed = part.smoothed?.[p.key] || S.smooth(y, weight);
+        out.push({ ...common, y: smoothed, showlegend: false, line: { color: run.color, width: 1.5 } });
       } else {
         out.push({ ...common, y, showlegend: false, line: { color: run.color, width: 1.5 } });
       }
@@ -117,8 +122,9 @@
         exponentformat: "power",
         anchor: "x",
       };
-      if (p.one) {
-        lay.shapes.push({ type: "line", xref: "paper", yref: `y${i + 1}`, x0: 0, x1: 1, y0: 1, y1: 1, line: { dash: "dot", color: "#888" } });
+      if (p.one || p.zero) {
+        const level = p.one ? 1 : 0;
+        lay.shapes.push({ type: "line", xref: "paper", yref: `y${i + 1}`, x0: 0, x1: 1, y0: level, y1: level, line: { dash: "dot", color: "#888" } });
       }
       top = bottom - gap / 2;
     });
@@ -237,7 +243,7 @@
   /** One compare request for a part (its series, and the chosen x series) of every run. */
   async function load(part) {
     const q = new URLSearchParams({ ids: runs.map((r) => r.id).join(","), keys: keys(part).join(","), max_points: MAX_POINTS });
-    if (part === "main") q.set("smoothing", controls.smoothing.value); // smoothed over every step, not the points
+    q.set("smoothing", controls.smoothing.value); // the loss and the alignment: smoothed over every step, not the points
     const answer = await S.getJSON(`/api/compare?${q}`);
     for (const item of answer.runs) {
       const run = runs.find((r) => r.id === item.id);
@@ -265,8 +271,11 @@
       run.panels = empty();
     }
     append(run.main, batch, keys("main"));
-    if (run.main.smoothed) {
-      run.main.smoothed.loss.push(...S.continueSmooth(run.main.state.loss, batch.series.loss || [], Number(controls.smoothing.value)));
+    const weight = Number(controls.smoothing.value);
+    if (run.main.smoothed) run.main.smoothed.loss.push(...S.continueSmooth(run.main.state.loss, batch.series.loss || [], weight));
+    if (run.panels.smoothed) {
+      const k = "grad_alignment";
+      run.panels.smoothed[k].push(...S.continueSmooth(run.panels.state[k], batch.series[k] || [], weight));
     }
     append(run.panels, batch, keys("panels"));
     Object.assign(run, {
@@ -344,7 +353,7 @@
     controls.smoothing.addEventListener("input", () => {
       controls.smoothingValue.textContent = Number(controls.smoothing.value).toFixed(2);
       clearTimeout(reload); // the server smooths every step again with the new weight
-      reload = setTimeout(() => load("main").then(draw).catch((err) => console.warn(err)), 150);
+      reload = setTimeout(() => Promise.all([load("main"), load("panels")]).then(draw).catch((err) => console.warn(err)), 150);
     });
     controls.xAxis.addEventListener("change", () => changeX().catch((err) => console.warn(err)));
     controls.logY.addEventListener("change", draw);
