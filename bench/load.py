@@ -70,7 +70,8 @@ class Tally:
 def seed_runs(home: Path) -> list[int]:
     """Finished runs of 20,000 steps each, written by the trainer's Recorder before the server starts."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from store import make_workload, step_rows
+    from storage import make_workload, step_rows
+
     from store.db import upgrade
     from store.tables import RunStatus
     from trainer.config import make_config

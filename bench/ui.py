@@ -92,6 +92,9 @@ def step_rows(run_id: int, lr: float, n_steps: int, rng: random.Random) -> list[
                 update / (lr * grad),
                 wall,
                 0.05,
+                rng.uniform(0.5, 1.0),  # update_cos
+                rng.gauss(0.0, 0.1),  # grad_alignment
+                0,  # skipped
             )
         )
     return rows

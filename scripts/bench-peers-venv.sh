@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates bench/.venv-peers with the tools bench/store.py compares against (MLflow, Trackio).
+# Creates bench/.venv-peers with the tools bench/storage.py compares against (MLflow, Trackio).
 # They are never dependencies of stepscope: this environment is the benchmark's own.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,8 +13,8 @@ Every number is the best of 3 repetitions. MLflow and Trackio live in their own 
 (bench/.venv-peers, made by scripts/bench-peers-venv.sh on first use) and run in subprocesses of it;
 they are never dependencies of stepscope. Nothing leaves the machine (offline env, loopback only).
 
-    .venv/bin/python bench/store.py                 # the whole comparison, about 6 minutes
-    .venv/bin/python bench/store.py --peers none    # stepscope alone (quick)
+    .venv/bin/python bench/storage.py                 # the whole comparison, about 6 minutes
+    .venv/bin/python bench/storage.py --peers none    # stepscope alone (quick)
 
 It prints one table with ratios and PASS/FAIL per target, and saves it to bench/results/store.txt.
 """
@@ -241,7 +241,7 @@ def step_rows(data: np.ndarray, run: int) -> list[tuple[Any, ...]]:
     loss, lr, grad_norm, update_norm = (data[run, k].tolist() for k in range(len(KEYS)))
     return [
         (s + 1, (s + 1) / 1000, (s + 1) * 8, (s + 1) * 1024, loss[s], lr[s], grad_norm[s], update_norm[s],
-         30.0, update_norm[s] / 30.0, 1.0, 1.7e9 + s * 0.05, 0.05)
+         30.0, update_norm[s] / 30.0, 1.0, 1.7e9 + s * 0.05, 0.05, 0.9, -0.05, 0)
         for s in range(STEPS)
     ]  # fmt: skip
 
