@@ -43,6 +43,8 @@ class Settings(DataSettings):
     max_upload_bytes: int = 50 * 1024 * 1024
     cancel_grace_seconds: float = 15.0
     """Seconds a cancelled job gets to flush and save before it is killed."""
+    resume_interrupted: bool = False
+    """At start, resume every interrupted run (a shutdown or a crash stopped it) from its last checkpoint."""
     executor: Literal["local", "ray"] = "local"
     """Where jobs run: `local` (subprocesses of this server) or `ray` (Ray jobs on the cluster at RAY_ADDRESS)."""
     ray_address: str = "http://127.0.0.1:8265"

@@ -68,6 +68,8 @@ class JobRunner:
             return
         self._lock_file, self.active = lock, True
         self.tick()
+        if self.settings.resume_interrupted:
+            self._resume_interrupted()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="stepscope-jobs", daemon=True)
         self._thread.start()
@@ -103,6 +105,16 @@ class JobRunner:
 
     def check_ready(self) -> None:
         """Raise app.runner.executor.ClusterUnreachable when no job could start now (never, for subprocesses)."""
+
+    def _resume_interrupted(self) -> None:
+        """STEPSCOPE_RESUME_INTERRUPTED: queue again every run a shutdown or a crash interrupted (those this
+        start just found gone included); they go on from their last checkpoint."""
+        with Session(self.engine) as session:
+            interrupted = session.exec(select(Run.id).where(col(Run.status) == RunStatus.interrupted)).all()
+            for run_id in interrupted:
+                assert run_id is not None
+                services.resume_run(session, run_id)
+                log.info("run %d: interrupted before, resumed (STEPSCOPE_RESUME_INTERRUPTED)", run_id)
 
     @property
     def max_concurrent(self) -> int:

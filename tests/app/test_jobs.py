@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,22 @@ def test_queued_runs_start_oldest_first_on_free_gpus(
         cancel_run(session, ids[0])
     wait_for(lambda: read_run(engine, ids[2]).status == RunStatus.running, 20, "the third run to take the free GPU")
     assert (settings.runs_dir / str(ids[2]) / "stderr.log").read_text().split()[-1] == "0"
+
+
+def test_resume_interrupted_at_start_queues_interrupted_runs_again(
+    fake: tuple[Engine, Callable[..., JobRunner]],
+) -> None:
+    engine, make = fake
+    interrupted = add_run(engine, status=RunStatus.interrupted, error="the server stopped")
+    cancelled = add_run(engine, status=RunStatus.cancelled)
+    first = make("complete")
+    first.start()  # the setting off (the default): interrupted runs stay as they are
+    time.sleep(1)
+    assert read_run(engine, interrupted).status == RunStatus.interrupted
+    first.stop(timeout=2)
+    make("complete", resume_interrupted=True).start()
+    wait_for(lambda: read_run(engine, interrupted).status == RunStatus.completed, 20, "the resumed run to end")
+    assert read_run(engine, cancelled).status == RunStatus.cancelled  # a user's cancel is never resumed
 
 
 def test_stopping_the_runner_leaves_no_run_running(fake: tuple[Engine, Callable[..., JobRunner]]) -> None:
