@@ -79,6 +79,31 @@ def test_kill_loses_at_most_the_last_second(home: Path) -> None:
     assert run_row(home)["status"] == "running"  # nobody could record the end: the server marks it
 
 
+@pytest.mark.slow
+def test_kill_with_steps_of_seconds_loses_at_most_one_step(home: Path, tmp_path: Path) -> None:
+    # The default model on long texts: a step takes seconds here, longer than the writer's 0.5 s timer.
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(f'{{"text": "{" ".join(["slow steps"] * 70)} {i}"}}\n' for i in range(64)))
+    proc = start(home, "--dataset", str(data), "--batch-size", "8", "--max-seq-len", "128", "--max-steps", "1000",
+                 "--eval-every", "0", "--checkpoint-every", "0")  # fmt: skip
+    wait_for_steps(home, 2, timeout=300)
+    seen: dict[int, float] = {}
+    while len(seen) < 3:  # when each new step's row shows up
+        step = max_step(home)
+        seen.setdefault(step, time.monotonic())
+        time.sleep(0.02)
+    step_time = (seen[max(seen)] - seen[min(seen)]) / (len(seen) - 1)
+    assert step_time > 1.0, f"steps of {step_time:.2f} s: too fast to show anything"
+    time.sleep(1.5 * step_time)  # into the second step after the last one seen
+    killed = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=30)
+    last = steps(home)[-1]["step"]
+    # The step that ended while we slept (after the last one seen) is on disk: at most the step in progress
+    # is lost, never a step that ended a second or more before the kill.
+    assert last >= max(seen) + 1, (last, seen, step_time, killed)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
