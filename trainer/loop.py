@@ -27,6 +27,7 @@ from transformers import get_scheduler
 from analysis.range_test import RangeTestStop, lr_range_suggestions
 from analysis.runs import DIVERGED_LOSS_FACTOR, diverged_loss, summarize_run
 from analysis.smoothing import DebiasedEma
+from store.processes import process_start_time
 from store.tables import STEP_COLUMNS, RunStatus, utcnow
 from trainer import checkpoints
 from trainer.batches import Batch, eval_batches, step_batches, tokenize
@@ -598,7 +599,12 @@ def train(
     """Set up, mark the run running, fit, save the adapter, and record how it ended."""
     try:
         s = setup(cfg, home)
-        recorder.update_run(status=RunStatus.running, started_at=utcnow(), pid=os.getpid(), **s.plan)
+        # A resumed run is this process's now: its pid and start time, and no end yet.
+        me = os.getpid()
+        recorder.update_run(
+            status=RunStatus.running, started_at=utcnow(), pid=me, pid_start=process_start_time(me),
+            finished_at=None, error=None, **s.plan,
+        )  # fmt: skip
         log.info(
             "run %d: %d training examples, batch %d x %d accumulation -> %d updates per epoch, %d optimizer steps; "
             "%d trainable of %d parameters on %s",

@@ -340,7 +340,7 @@ def metric_keys(run_id: RunId, session: SessionDep, db: DbDep) -> MetricKeys:
 
 
 JOB_COLUMNS = frozenset(
-    {"status", "started_at", "finished_at", "device", "pid", "error", "error_step", "n_train", "n_eval",
+    {"status", "started_at", "finished_at", "device", "pid", "pid_start", "error", "error_step", "n_train", "n_eval",
      "updates_per_epoch", "total_steps", "trainable_params", "total_params", "steps_done", "last_loss",
      "best_loss", "last_eval_loss", "summary", "verdict"}
 )  # fmt: skip
