@@ -22,11 +22,11 @@ from typing import Any
 
 from stepscope.client import MAX_ROWS_PER_REQUEST, NON_FINITE_ALLOWED, _Transport, _Unreachable
 from store.tables import STEP_COLUMNS
+from trainer.recorder import _CLOSE, QueuedRecorder
 
 RETRY_SECONDS = 0.5
 CLOSE_WAIT_SECONDS = 120.0
 """How long `close` keeps trying to reach a server that is down before the rows are given up."""
-_CLOSE = object()
 
 
 def fetch_run(server: str, token: str | None, run_id: int) -> tuple[dict[str, Any], str]:
@@ -61,17 +61,13 @@ def _value(name: str, value: Any) -> Any:
     return value
 
 
-class HttpRecorder:
+class HttpRecorder(QueuedRecorder):
     """Queue rows from the training loop; one thread posts them to the server. `close()` drains and joins."""
 
     def __init__(self, server: str, run_id: int, token: str | None = None) -> None:
         self.server = server
-        self.run_id = run_id
-        self.error: BaseException | None = None
         self._transport = _Transport(server, token)
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="stepscope-http-recorder", daemon=True)
-        self._thread.start()
+        super().__init__(run_id, "stepscope-http-recorder")
 
     # --- called from the training loop -----------------------------------------------------------
 
@@ -113,22 +109,6 @@ class HttpRecorder:
             if line[at["eval_loss"]]:
                 evals.append((step, float(line[at["eval_loss"]]), 0.0))
         return rows, evals
-
-    def flush(self) -> None:
-        """Wait until every row queued so far is recorded by the server (a checkpoint must not run ahead)."""
-        done = threading.Event()
-        self._queue.put(done)
-        while not done.wait(0.1):
-            if not self._thread.is_alive():
-                break
-        if self.error is not None:
-            raise RuntimeError(f"recording failed: {self.error}") from self.error
-
-    def close(self) -> None:
-        self._queue.put(_CLOSE)
-        self._thread.join()
-        if self.error is not None:
-            raise RuntimeError(f"recording failed: {self.error}") from self.error
 
     # --- the sender thread -------------------------------------------------------------------------
 

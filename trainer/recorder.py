@@ -76,16 +76,44 @@ def _sql_value(value: Any) -> Any:
     return value
 
 
-class Recorder:
+class QueuedRecorder:
+    """What every recorder shares: the loop queues work and one thread does it, in order. The thread puts
+    the `threading.Event`s it finds in the queue (`flush`) after all queued before them, and stops at
+    `_CLOSE`; it keeps the first error in `error`."""
+
+    def __init__(self, run_id: int, thread_name: str) -> None:
+        self.run_id = run_id
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name=thread_name, daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait until every row queued so far is committed (a checkpoint must not run ahead of its rows)."""
+        done = threading.Event()
+        self._queue.put(done)
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        if self.error is not None:
+            raise RuntimeError(f"recording failed: {self.error}") from self.error
+
+    def close(self) -> None:
+        self._queue.put(_CLOSE)
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"recording failed: {self.error}") from self.error
+
+
+class Recorder(QueuedRecorder):
     """Queue rows from the training loop; one thread writes them. `close()` drains and joins."""
 
     def __init__(self, db_path: Path, run_id: int) -> None:
         self.db_path = db_path
-        self.run_id = run_id
-        self.error: BaseException | None = None
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="stepscope-recorder", daemon=True)
-        self._thread.start()
+        super().__init__(run_id, "stepscope-recorder")
 
     # --- called from the training loop -----------------------------------------------------------
 
@@ -116,22 +144,6 @@ class Recorder:
                     conn.execute(sql, values)
             return
         self._queue.put((sql, [values]))
-
-    def flush(self) -> None:
-        """Wait until every row queued so far is committed (a checkpoint must not run ahead of its rows)."""
-        done = threading.Event()
-        self._queue.put(done)
-        while not done.wait(0.1):
-            if not self._thread.is_alive():
-                break
-        if self.error is not None:
-            raise RuntimeError(f"recording failed: {self.error}") from self.error
-
-    def close(self) -> None:
-        self._queue.put(_CLOSE)
-        self._thread.join()
-        if self.error is not None:
-            raise RuntimeError(f"recording failed: {self.error}") from self.error
 
     # --- the writer thread -------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from app import services
@@ -260,16 +259,8 @@ class RayRunner(JobRunner):
 
     def _submit(self, run: Run) -> None:
         assert run.id is not None
-        with Session(self.engine) as session:  # claim it first, so a cancel cannot slip in between
-            claim = (
-                col(Run.id) == run.id,
-                col(Run.status) == RunStatus.queued,
-                col(Run.pid).is_(None),
-                col(Run.cancel_requested_at).is_(None),
-            )
-            if session.exec(update(Run).where(*claim).values(pid=os.getpid())).rowcount != 1:
-                return
-            session.commit()
+        if not self._claim(run.id):
+            return
         try:
             handle = self.executor.start(run)
         except ClusterUnreachable:

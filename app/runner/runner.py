@@ -193,18 +193,24 @@ class JobRunner:
             session.commit()
             log.info("run %d: %s (%s)", job.run_id, run.status.value, reason)
 
-    def _start(self, run: Run) -> None:
-        assert run.id is not None
-        with Session(self.engine) as session:  # claim it first, so a cancel cannot slip in between
+    def _claim(self, run_id: int) -> bool:
+        """Mark a queued run as this server's (its pid) before starting it, so a cancel cannot slip in between;
+        False if it is no longer an unclaimed, uncancelled queued run."""
+        with Session(self.engine) as session:
             claim = (
-                col(Run.id) == run.id,
+                col(Run.id) == run_id,
                 col(Run.status) == RunStatus.queued,
                 col(Run.pid).is_(None),
                 col(Run.cancel_requested_at).is_(None),
             )
-            if session.exec(update(Run).where(*claim).values(pid=os.getpid())).rowcount != 1:
-                return
+            claimed = session.exec(update(Run).where(*claim).values(pid=os.getpid())).rowcount == 1
             session.commit()
+        return claimed
+
+    def _start(self, run: Run) -> None:
+        assert run.id is not None
+        if not self._claim(run.id):
+            return
         run_dir = self.settings.runs_dir / str(run.id)
         run_dir.mkdir(parents=True, exist_ok=True)
         gpu = gpu_choice.least_busy(
