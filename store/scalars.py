@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_./:-]{0,99}")
 """A custom key: a name up to 100 characters (letters, digits, `_ . / : -`), e.g. `eval/accuracy`."""
 
-_INSERT = "INSERT OR REPLACE INTO scalar_metrics (run_id, key, step, value) VALUES (?, ?, ?, ?)"
+SCALAR_INSERT = "INSERT OR REPLACE INTO scalar_metrics (run_id, key, step, value) VALUES (?, ?, ?, ?)"
+ScalarRow = tuple[str, int, float | None]  # key, step, value
 # Distinct keys of a run by walking the primary key: one seek per key, whatever the number of rows.
 _KEYS_SQL = (
     "WITH RECURSIVE k(key) AS (SELECT min(key) FROM scalar_metrics WHERE run_id = :run "
@@ -29,7 +30,7 @@ _KEYS_SQL = (
 
 def write_scalars(conn: sqlite3.Connection, run_id: int, rows: Iterable[tuple[str, int, float | None]]) -> None:
     """(key, step, value) rows of one run, replacing those of the same key and step, in the caller's transaction."""
-    conn.executemany(_INSERT, ((run_id, key, step, value) for key, step, value in rows))
+    conn.executemany(SCALAR_INSERT, ((run_id, key, step, value) for key, step, value in rows))
 
 
 def scalar_keys(conn: sqlite3.Connection, run_id: int) -> list[str]:

@@ -110,6 +110,8 @@ class Run(RunBase, table=True):
     # life, and how long it may stay silent before the job runner marks the run interrupted (app.runner.recovery).
     heartbeat_at: datetime | None = None
     heartbeat_seconds: float | None = None
+    lora_tensors: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    """Names of the trainable tensors, in the order of `module_norms`' lists (trainer.landscape.tensor_names)."""
     # The analysis (scores and verdict) computed when the run ends.
     summary: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     verdict: str | None = None
@@ -214,6 +216,52 @@ class EvalMetric(SQLModel, table=True):
     step: int = Field(primary_key=True)
     eval_loss: float | None
     wall_time: float
+
+
+class ProbeCurve(SQLModel, table=True):
+    """The cross-section of one step (trainer.landscape): the probe batch's loss at θ_before + α·Δθ."""
+
+    __tablename__ = "probe_curves"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: int = Field(foreign_key="runs.id", primary_key=True)
+    step: int = Field(primary_key=True)
+    alphas: list[float] = Field(sa_column=Column(JSON, nullable=False))
+    losses: list[float | None] = Field(sa_column=Column(JSON, nullable=False))
+    best_alpha: float | None = None
+    """Where along the step the loss was lowest, as a fraction of the step (analysis.landscape.best_alpha)."""
+
+
+class ModuleNorm(SQLModel, table=True):
+    """Per LoRA tensor (in the order of the run's `lora_tensors`), the update and weight norms at one step."""
+
+    __tablename__ = "module_norms"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: int = Field(foreign_key="runs.id", primary_key=True)
+    step: int = Field(primary_key=True)
+    update_norms: list[float | None] = Field(sa_column=Column(JSON, nullable=False))
+    param_norms: list[float | None] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class LossMap(SQLModel, table=True):
+    """A loss map of some runs' paths (trainer.maps), made in the background and kept for reuse.
+
+    `key` names what it was made of (the sorted run ids and the resolution), so asking again for the same map
+    returns this one instead of computing it twice.
+    """
+
+    __tablename__ = "loss_maps"
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(unique=True, max_length=1000)
+    run_ids: list[int] = Field(sa_column=Column(JSON, nullable=False))
+    resolution: int
+    status: str = Field(default="queued")  # queued | running | completed | failed
+    progress: float = 0.0
+    error: str | None = None
+    pid: int | None = None
+    pid_start: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
 
 
 class DatasetBase(SQLModel):

@@ -85,12 +85,45 @@ class TrainConfig(BaseModel):
     )
     range_min_lr: float = Field(1e-7, description="LR range test: first learning rate.")
     range_max_lr: float = Field(1.0, description="LR range test: last learning rate.")
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        description="LoRA+: the B matrices learn at this many times learning_rate (Hayou et al. 2024 suggest 16; "
+        "empty: off).",
+    )
+    # The walk down the mountain (trainer.landscape): what each step did, beyond its loss.
+    probe_every: int = Field(
+        100,
+        ge=0,
+        le=10_000_000,
+        description="At step 1 and every this many steps, evaluate the loss along the step just taken (a fixed "
+        "probe batch at -1..3 times the step) to see where its lowest point lay (0: never).",
+    )
+    module_norms_every: int = Field(
+        10,
+        ge=0,
+        le=10_000_000,
+        description="At step 1 and every this many steps, record each LoRA tensor's update and weight norm, for "
+        "the heat map of which modules moved (0: never).",
+    )
+    map_snapshots: int = Field(
+        20,
+        ge=0,
+        le=256,
+        description="LoRA weight snapshots kept for the loss map, spread evenly over the run (0: none).",
+    )
 
     @field_validator("learning_rate", "range_min_lr", "range_max_lr")
     @classmethod
     def _positive_finite(cls, value: float) -> float:
         if not math.isfinite(value) or value <= 0:
             raise ValueError("must be a finite number > 0")
+        return value
+
+    @field_validator("loraplus_lr_ratio")
+    @classmethod
+    def _ratio(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise ValueError("must be a finite number > 0 (or empty for plain LoRA)")
         return value
 
     @field_validator("weight_decay", "max_grad_norm", "epochs", "momentum", "lora_dropout")

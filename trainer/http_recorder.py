@@ -21,6 +21,8 @@ from enum import Enum
 from typing import Any
 
 from stepscope.client import MAX_ROWS_PER_REQUEST, NON_FINITE_ALLOWED, _Transport, _Unreachable
+from store.landscape import ModuleRow, ProbeRow
+from store.scalars import ScalarRow
 from store.tables import STEP_COLUMNS
 from trainer.recorder import _CLOSE, QueuedRecorder
 
@@ -81,6 +83,17 @@ class HttpRecorder(QueuedRecorder):
         """Rows of (step, eval_loss, wall_time)."""
         if rows:
             self._queue.put(("evals", [{"step": s, "eval_loss": e, "wall_time": w} for s, e, w in rows]))
+
+    def walk(self, probes: list[ProbeRow], modules: list[ModuleRow], scalars: list[ScalarRow]) -> None:
+        """What trainer.landscape measured; the per-group rates go in as custom keys of their steps."""
+        if probes:
+            rows = [{"step": s, "alphas": a, "losses": v, "best_alpha": b} for s, a, v, b in probes]
+            self._queue.put(("probes", rows))
+        if modules:
+            rows = [{"step": s, "update_norms": u, "param_norms": p} for s, u, p in modules]
+            self._queue.put(("module-norms", rows))
+        if scalars:
+            self._queue.put(("steps", [{"step": step, key: _value(key, v)} for key, step, v in scalars]))
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""

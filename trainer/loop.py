@@ -33,6 +33,7 @@ from trainer import checkpoints
 from trainer.batches import Batch, eval_batches, step_batches, tokenize
 from trainer.config import TrainConfig
 from trainer.data import load_examples, plan_steps
+from trainer.landscape import Walk, probe_batch, rate_groups
 from trainer.measure import StepMeter
 from trainer.models import add_lora, count_params, load_base
 from trainer.recorder import Recorder
@@ -70,6 +71,7 @@ class Setup:
     eval_set: list[Batch]
     updates_per_epoch: int
     total_steps: int
+    walk: Walk
     plan: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,11 +114,18 @@ def pick_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD or AdamW; with `loraplus_lr_ratio`, peft's LoRA+ groups: B matrices at that many times the rate."""
     lr = cfg.range_min_lr if cfg.kind == "lr_range_test" else cfg.learning_rate
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    cls: Any = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+    extra = {"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}
+    if cfg.loraplus_lr_ratio is not None:
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model, cls, lr=lr, loraplus_lr_ratio=cfg.loraplus_lr_ratio, loraplus_weight_decay=cfg.weight_decay, **extra
+        )
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay, **extra)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -142,7 +151,7 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         len(train_enc), cfg.batch_size, cfg.grad_accum_steps, cfg.epochs, cfg.step_limit
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, model, params)
     plan = {
         "n_train": len(train_enc),
         "n_eval": len(eval_enc),
@@ -152,19 +161,27 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         "total_params": total,
         "device": str(device),
     }
+    meter = StepMeter(params)
+    autocast_dtype = pick_precision(cfg, device)
+    walk = Walk(
+        cfg, model, meter.weights, meter, probe_batch(eval_enc, train_enc, tok.pad_token_id), device,
+        autocast_dtype, total_steps, rate_groups(optimizer, model),
+    )  # fmt: skip
+    plan["lora_tensors"] = walk.names
     return Setup(
         cfg=cfg,
         model=model,
         device=device,
-        autocast_dtype=pick_precision(cfg, device),
+        autocast_dtype=autocast_dtype,
         params=params,
-        meter=StepMeter(params),
+        meter=meter,
         optimizer=optimizer,
         scheduler=make_scheduler(cfg, optimizer, total_steps),
         batches=step_batches(train_enc, cfg.batch_size, cfg.grad_accum_steps, tok.pad_token_id, cfg.seed),
         eval_set=eval_batches(eval_enc, cfg.batch_size, tok.pad_token_id),
         updates_per_epoch=per_epoch,
         total_steps=total_steps,
+        walk=walk,
         plan=plan,
     )
 
@@ -462,13 +479,16 @@ def fit(
     start = last = time.perf_counter() - at.wall_time
     last_checkpoint = time.monotonic()
     step = at.step
+    s.walk.start(run_dir, at.step)
     for step in range(at.step + 1, s.total_steps + 1):
         micro = next(s.batches)
-        lr = s.scheduler.get_last_lr()[0]  # the rate this update uses (a host float: no sync)
+        rates = s.scheduler.get_last_lr()  # the rates this update uses, per parameter group (host floats: no sync)
+        lr = rates[0]
 
         # forward/backward, then update (all on the device)
         loss = forward_backward(s, micro, scaler)
         measured = apply_update(s, scaler)
+        s.walk.after_step(step, rates)  # probes, module norms, snapshots: when due, queued on the device
 
         # record: host-side counters and device scalars; no .item() here, it would sync the GPU each step
         samples += sum(b.n_samples for b in micro)
@@ -495,9 +515,12 @@ def fit(
                 return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
             if problem:
                 return Outcome("diverged", problem[1], error=problem[0], error_step=problem[1])
+        for probes, modules, scalars in s.walk.arrived(wait=last_step):
+            recorder.walk(probes, modules, scalars)
         if checkpoint:  # every row up to this step is committed first: a resumed run starts right after them
             assert run_dir is not None
             recorder.flush()
+            s.walk.save(run_dir)
             checkpoints.save(run_dir, _state(s, scaler, step, samples, tokens, time.perf_counter() - start))
             last_checkpoint = time.monotonic()
         if stop.requested:
@@ -624,6 +647,7 @@ def train(
         outcome = fit(s, recorder, stop, progress, history, run_dir=run_dir, resume=resume)
         if outcome.status != "diverged":
             save_adapter(s, run_dir)
+        s.walk.save(run_dir)
         summary = history.summary(outcome.status, cfg.kind)
         if outcome.error:  # the trainer saw what went wrong; the stored rows hold no NaN to show it
             summary["reason"] = f"The run diverged: {outcome.error}."

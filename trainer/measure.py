@@ -69,6 +69,15 @@ class StepMeter:
         self._current = 1 - self._current
         return torch.linalg.vector_norm(update), param_norm, update_cos
 
+    def last_update(self) -> torch.Tensor:
+        """θ_t − θ_{t+1} of the step just taken (the update, negated), flat; valid until the next step."""
+        return self._updates[1 - self._current]
+
+    def tensor_norms(self) -> torch.Tensor:
+        """Per trainable tensor, [update norm, weight norm] of the step just taken: a (2, tensors) device tensor."""
+        updates = torch._foreach_norm(self._update_views[1 - self._current])
+        return torch.stack([torch.stack(updates), torch.stack(torch._foreach_norm(self.weights))])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The last update (negated), which the next step's alignment and update cosine compare against."""
         return {"last_update": self._updates[1 - self._current].detach().cpu().clone()}

@@ -20,8 +20,10 @@ from typing import Any
 from sqlmodel import Session
 
 from store.db import configure_sqlite, make_engine
+from store.landscape import MODULE_INSERT, PROBE_INSERT, ModuleRow, ProbeRow, module_values, probe_values
 from store.processes import process_start_time
 from store.rollups import STEP_INSERT, write_steps
+from store.scalars import SCALAR_INSERT, ScalarRow
 from store.tables import Run, RunStatus, sqlite_time
 from trainer.config import TrainConfig
 
@@ -126,6 +128,15 @@ class Recorder(QueuedRecorder):
         """Rows of (step, eval_loss, wall_time)."""
         if rows:
             self._queue.put((_EVAL_SQL, [(self.run_id, *row) for row in rows]))
+
+    def walk(self, probes: list[ProbeRow], modules: list[ModuleRow], scalars: list[ScalarRow]) -> None:
+        """What trainer.landscape measured: probe curves, per-tensor norms and per-group rates."""
+        if probes:
+            self._queue.put((PROBE_INSERT, probe_values(self.run_id, probes)))
+        if modules:
+            self._queue.put((MODULE_INSERT, module_values(self.run_id, modules)))
+        if scalars:
+            self._queue.put((SCALAR_INSERT, [(self.run_id, *row) for row in scalars]))
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""

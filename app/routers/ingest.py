@@ -20,16 +20,17 @@ import json
 import math
 import sqlite3
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Response, status
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from app.deps import MAX_ID, DbDep, RunId, SessionDep
 from app.routers.runs import get_run, run_summary
 from app.runner.recovery import EXTERNAL
 from app.security import TokenDep
 from app.services import Conflict, NotFound
+from store.landscape import MODULE_INSERT, PROBE_INSERT, module_values, probe_values
 from store.metrics import METRIC_KEYS
 from store.rollups import write_steps
 from store.scalars import KEY_PATTERN, scalar_keys, write_scalars
@@ -300,6 +301,63 @@ def add_evals(run_id: RunId, body: EvalsIn, db: DbDep) -> Written:
     return Written(run_id=run_id, rows=len(evals), steps_done=_steps_done(db, run_id))
 
 
+class ProbeIn(BaseModel):
+    """One step's cross-section (trainer.landscape): the probe loss at each α times the step."""
+
+    step: int = Field(ge=1, le=MAX_ID)
+    alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=3, max_length=64)
+    losses: list[Annotated[float, Field(allow_inf_nan=False)] | None] = Field(min_length=3, max_length=64)
+    best_alpha: float | None = Finite
+
+    @field_validator("losses")
+    @classmethod
+    def _one_per_alpha(cls, value: list[float | None], info: ValidationInfo) -> list[float | None]:
+        if len(value) != len(info.data.get("alphas", value)):
+            raise ValueError("must hold one loss per alpha")
+        return value
+
+
+class ModuleNormsIn(BaseModel):
+    """Per LoRA tensor (in the order of the run's `lora_tensors`), its update and weight norm at one step."""
+
+    step: int = Field(ge=1, le=MAX_ID)
+    update_norms: list[Annotated[float, Field(ge=0, allow_inf_nan=False)] | None] = Field(max_length=100_000)
+    param_norms: list[Annotated[float, Field(ge=0, allow_inf_nan=False)] | None] = Field(max_length=100_000)
+
+    @field_validator("param_norms")
+    @classmethod
+    def _one_per_tensor(cls, value: list[float | None], info: ValidationInfo) -> list[float | None]:
+        if len(value) != len(info.data.get("update_norms", value)):
+            raise ValueError("must hold one norm per tensor, as update_norms does")
+        return value
+
+
+class ProbesIn(BaseModel):
+    rows: list[ProbeIn] = Field(max_length=MAX_ROWS)
+
+
+class ModuleNormsBatch(BaseModel):
+    rows: list[ModuleNormsIn] = Field(max_length=MAX_ROWS)
+
+
+@router.post("/api/runs/{run_id}/probes", response_model=Written)
+def add_probes(run_id: RunId, body: ProbesIn, db: DbDep) -> Written:
+    """Record probe curves of a running run (the engine's HTTP recorder sends them); idempotent on the step."""
+    _claim(db, run_id)
+    rows = [(r.step, r.alphas, r.losses, r.best_alpha) for r in body.rows]
+    _commit(db, lambda: db.executemany(PROBE_INSERT, probe_values(run_id, rows)))
+    return Written(run_id=run_id, rows=len(rows), steps_done=_steps_done(db, run_id))
+
+
+@router.post("/api/runs/{run_id}/module-norms", response_model=Written)
+def add_module_norms(run_id: RunId, body: ModuleNormsBatch, db: DbDep) -> Written:
+    """Record per-tensor norms of a running run (the engine's HTTP recorder sends them); idempotent on the step."""
+    _claim(db, run_id)
+    rows = [(r.step, r.update_norms, r.param_norms) for r in body.rows]
+    _commit(db, lambda: db.executemany(MODULE_INSERT, module_values(run_id, rows)))
+    return Written(run_id=run_id, rows=len(rows), steps_done=_steps_done(db, run_id))
+
+
 def _julian_now(db: sqlite3.Connection) -> float:
     return float(db.execute("SELECT julianday(?)", (sqlite_time(utcnow()),)).fetchone()[0])
 
@@ -342,7 +400,7 @@ def metric_keys(run_id: RunId, session: SessionDep, db: DbDep) -> MetricKeys:
 JOB_COLUMNS = frozenset(
     {"status", "started_at", "finished_at", "device", "pid", "pid_start", "error", "error_step", "n_train", "n_eval",
      "updates_per_epoch", "total_steps", "trainable_params", "total_params", "steps_done", "last_loss",
-     "best_loss", "last_eval_loss", "summary", "verdict"}
+     "best_loss", "last_eval_loss", "summary", "verdict", "lora_tensors"}
 )  # fmt: skip
 """The columns of a built-in run that its own job writes (trainer.recorder.Recorder.update_run)."""
 
