@@ -19,10 +19,13 @@ from sqlmodel import Session, col, select
 
 from analysis.sweeps import summarize_sweep
 from app.config import Settings
+from app.runner.maps import settle_if_gone, start_map
+from store.landscape import SNAPSHOTS_FILE, map_key
 from store.tables import (
     FINISHED,
     Dataset,
     EvalMetric,
+    LossMap,
     ModuleNorm,
     ProbeCurve,
     Run,
@@ -301,3 +304,36 @@ def runs_filter(
         filters.append(col(Run.name).contains(name, autoescape=True))
     key = SORTS[sort]
     return filters, [key.desc() if descending else key.asc(), col(Run.id).desc()]
+
+
+# --- loss maps (trainer.maps) ------------------------------------------------------------------------------
+
+
+def find_map(session: Session, run_ids: list[int], resolution: int) -> LossMap | None:
+    """The map of these runs at this resolution, made or being made (a failed one counts as none)."""
+    found = session.exec(select(LossMap).where(LossMap.key == map_key(run_ids, resolution))).first()
+    return found if found is not None and settle_if_gone(session, found).status != "failed" else None
+
+
+def request_map(session: Session, settings: Settings, run_ids: list[int], resolution: int) -> tuple[LossMap, bool]:
+    """(the map, whether it was started now): the stored one of the same runs and resolution, else a new
+    background job. The runs must exist (NotFound), be finished and have kept snapshots (Conflict)."""
+    for run_id in run_ids:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise NotFound(f"no run with id {run_id}")
+        if run.status not in FINISHED:
+            raise Conflict(f"run {run_id} is {run.status.value}: a map is made of finished runs")
+        if not (settings.runs_dir / str(run_id) / SNAPSHOTS_FILE).exists():
+            raise Conflict(f"run {run_id} kept no weight snapshots (its map_snapshots was 0, or it never trained)")
+    found = find_map(session, run_ids, resolution)
+    if found is not None:
+        return found, False
+    session.exec(delete(LossMap).where(col(LossMap.key) == map_key(run_ids, resolution)))  # a failed one
+    loss_map = LossMap(key=map_key(run_ids, resolution), run_ids=run_ids, resolution=resolution)
+    session.add(loss_map)
+    session.commit()
+    session.refresh(loss_map)
+    assert loss_map.id is not None
+    start_map(settings, loss_map.id)
+    return loss_map, True

@@ -36,9 +36,13 @@ FIELD_GROUPS: list[tuple[str, list[str]]] = [
     ("Run", ["name", "model", "dataset", "kind"]),
     ("Optimizer", ["learning_rate", "optimizer", "momentum", "weight_decay", "scheduler", "warmup_steps"]),
     ("Length", ["batch_size", "grad_accum_steps", "epochs", "max_steps", "max_seq_len", "eval_every"]),
-    ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"]),
+    ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "loraplus_lr_ratio"]),
     ("Stability", ["max_grad_norm", "seed", "device", "precision"]),
     (RANGE_GROUP, ["range_min_lr", "range_max_lr"]),
+    (
+        "The walk (probes along steps, module heat map, loss map)",
+        ["probe_every", "module_norms_every", "map_snapshots"],
+    ),
 ]
 LABELS = {
     "kind": "Kind",
@@ -52,6 +56,10 @@ LABELS = {
     "max_grad_norm": "Max gradient norm",
     "range_min_lr": "Range: first lr",
     "range_max_lr": "Range: last lr",
+    "loraplus_lr_ratio": "LoRA+ ratio (B's rate / A's)",
+    "probe_every": "Probe along a step every",
+    "module_norms_every": "Module norms every",
+    "map_snapshots": "Weight snapshots for the map",
 }
 CHOICE_LABELS = {
     "kind": {

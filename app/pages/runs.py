@@ -10,6 +10,7 @@ from sqlmodel import Session, select
 from analysis.range_test import RANGE_TEST_SMOOTHING
 from app import services
 from app.deps import RunId, SessionDep, SettingsDep
+from app.pages.compare import map_context
 from app.pages.render import CheckedForm, not_found, render, require_sign_in
 from app.routers.lr_range import suggested_sweep
 from store.tables import FINISHED, Dataset, Run, RunStatus, Sweep
@@ -107,6 +108,7 @@ def run_page(request: Request, session: SessionDep, run_id: RunId) -> HTMLRespon
         "finished": run.status in FINISHED,
         "dataset_name": dataset_names(session).get(run.dataset, run.dataset),
         "analysis_labels": ANALYSIS_LABELS,
+        "map": map_context(session, [run_id]) if run.kind == "train" else None,
     }
     return render(request, "run.html", context)
 

@@ -10,16 +10,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response, status
 from pydantic import BaseModel, Field, field_validator
-from sqlmodel import SQLModel, select
+from sqlmodel import SQLModel
 
 from analysis.landscape import read_stride, typical_alpha
 from app.deps import MAX_ID, DbDep, RunId, SessionDep, SettingsDep
 from app.routers.runs import get_run
-from app.runner.maps import settle_if_gone, start_map
+from app.runner.maps import settle_if_gone
 from app.security import TokenDep
-from app.services import Conflict, NotFound
-from store.landscape import SNAPSHOTS_FILE, map_key, read_module_norms, read_probes
-from store.tables import FINISHED, LossMap
+from app.services import NotFound, request_map
+from store.landscape import read_module_norms, read_probes
+from store.tables import LossMap
 
 router = APIRouter(prefix="/api", tags=["landscape"], dependencies=[TokenDep])
 
@@ -145,26 +145,9 @@ class LossMapPublic(SQLModel):
 def create_map(body: MapCreate, session: SessionDep, settings: SettingsDep, response: Response) -> LossMap:
     """Make (in the background) the loss map of finished runs' paths, or return the one already made or being made
     of the same runs at the same resolution (200). Poll `GET /api/maps/{id}` for its progress."""
-    for run_id in body.run_ids:
-        run = get_run(session, run_id)
-        if run.status not in FINISHED:
-            raise Conflict(f"run {run_id} is {run.status.value}: a map is made of finished runs")
-        if not (settings.runs_dir / str(run_id) / SNAPSHOTS_FILE).exists():
-            raise Conflict(f"run {run_id} kept no weight snapshots (its map_snapshots was 0, or it never trained)")
-    key = map_key(body.run_ids, body.resolution)
-    found = session.exec(select(LossMap).where(LossMap.key == key)).first()
-    if found is not None and settle_if_gone(session, found).status != "failed":
+    loss_map, started = request_map(session, settings, body.run_ids, body.resolution)
+    if not started:
         response.status_code = status.HTTP_200_OK
-        return found
-    if found is not None:  # a failed map is made again
-        session.delete(found)
-        session.commit()
-    loss_map = LossMap(key=key, run_ids=body.run_ids, resolution=body.resolution)
-    session.add(loss_map)
-    session.commit()
-    session.refresh(loss_map)
-    assert loss_map.id is not None
-    start_map(settings, loss_map.id)
     return loss_map
 
 

@@ -63,7 +63,7 @@ def test_a_sweeps_map_has_one_path_per_run_from_the_shared_start(client: TestCli
         assert path["steps"] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
         assert (path["x"][0], path["y"][0]) == (0.0, 0.0)  # one seed, one LoRA initialisation: one start
     # a larger rate walks further from the start
-    reach = [max(abs(x) + abs(y) for x, y in zip(p["x"], p["y"])) for p in result["paths"]]
+    reach = [max(abs(x) + abs(y) for x, y in zip(p["x"], p["y"], strict=True)) for p in result["paths"]]
     assert reach == sorted(reach) and reach[0] < reach[2]
     assert len(result["xs"]) == len(result["ys"]) == 7 and len(result["losses"]) == 7
     assert all(len(row) == 7 for row in result["losses"])
@@ -119,6 +119,6 @@ def test_probes_and_module_norms_as_json_and_csv(client: TestClient, sweep: Path
         updates, weights = map(json.loads, stored.fetchone())
     i = modules["steps"].index(8)
     assert modules["update_norms"][i] == updates
-    assert modules["update_ratios"][i] == pytest.approx([u / w for u, w in zip(updates, weights)])
+    assert modules["update_ratios"][i] == pytest.approx([u / w for u, w in zip(updates, weights, strict=True)])
     assert client.get("/api/runs/999/probes").status_code == 404
     assert client.get("/api/runs/999/modules").status_code == 404

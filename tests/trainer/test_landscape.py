@@ -60,7 +60,8 @@ def test_a_flat_or_broken_probe_has_no_lowest_point() -> None:
 
 def test_tensor_norms_are_each_tensors_own_update_and_weight_norm() -> None:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.zeros(2))]
+    shapes = [torch.randn(3, 4), torch.randn(7), torch.zeros(2)]
+    params = [torch.nn.Parameter(t) for t in shapes]
     meter, optimizer = StepMeter(params), torch.optim.AdamW(params, lr=0.01)
     for _ in range(3):
         before = [p.detach().clone() for p in params]
@@ -70,7 +71,9 @@ def test_tensor_norms_are_each_tensors_own_update_and_weight_norm() -> None:
         optimizer.step()
         meter.after_step()
         norms = meter.tensor_norms()
-        assert norms[0].tolist() == pytest.approx([(p.detach() - b).norm().item() for p, b in zip(params, before)])
+        assert norms[0].tolist() == pytest.approx(
+            [(p.detach() - b).norm().item() for p, b in zip(params, before, strict=True)]
+        )
         assert norms[1].tolist() == pytest.approx([p.detach().norm().item() for p in params])
 
 
@@ -89,7 +92,7 @@ def test_a_run_records_probes_module_norms_and_snapshots(trained, home: Path) ->
     assert [p[0] for p in probes] == list(range(1, 13))
     alphas = json.loads(probes[0][1])
     at_0, at_1 = alphas.index(0.0), alphas.index(1.0)
-    for (_, _, before, _), (_, _, after, _) in zip(probes, probes[1:]):
+    for (_, _, before, _), (_, _, after, _) in zip(probes, probes[1:], strict=False):
         # where one step landed is where the next started: the same weights, the same probe batch
         assert json.loads(after)[at_0] == pytest.approx(json.loads(before)[at_1], rel=1e-5)
     assert all(p[3] is not None for p in probes)
