@@ -3,7 +3,7 @@
 A job runs `python -m trainer --run-id N --server URL`: it reads its run over HTTP and records through
 the ingest API (`trainer.http_recorder`), so a worker never touches this server's database. Ray does the
 queueing and placement: the runner submits every queued run at once, each asking for one CPU (and one
-GPU when its device is cuda), and the cluster starts as many as fit.
+GPU when its device is cuda, or auto on a cluster that has GPUs), and the cluster starts as many as fit.
 
 The submission id names the run and the attempt (`stepscope-<home>-run-<id>-<attempt>`, <home> a digest
 of this server's data directory, so two servers sharing a cluster never take each other's jobs): after a
@@ -48,7 +48,7 @@ class RayExecutor:
 
     gone = "no Ray job of this run is known to the cluster"
     max_concurrent = 0  # Ray places the jobs: no limit of ours
-    gpus = None  # the cluster's, not this server's
+    gpus = None  # the cluster's, not this server's (asked for per job: `gpus_to_ask`)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -106,7 +106,7 @@ class RayExecutor:
         submission_id = f"{self.prefix}{run.id}-{max(attempts, default=0) + 1}"
         device = str(run.config.get("device", "auto"))
         entrypoint = f"python -m trainer --run-id {run.id} --server {self.settings.reachable_url}"
-        gpus = 1 if device.startswith("cuda") else 0
+        gpus = gpus_to_ask(device, self.cluster_resources().get("GPU", 0.0) if device == "auto" else 0.0)
         try:
             self._call(
                 "submit_job",
@@ -115,7 +115,7 @@ class RayExecutor:
                 entrypoint_num_cpus=1,
                 entrypoint_num_gpus=gpus,
                 runtime_env={"env_vars": self._env()},
-                metadata={"stepscope_run": str(run.id), "stepscope_name": run.name[:100]},
+                metadata={"stepscope_run": str(run.id), "stepscope_name": run.name[:100], "stepscope_gpus": str(gpus)},
             )
         except ClusterUnreachable:
             raise
@@ -124,6 +124,23 @@ class RayExecutor:
         self._latest[run.id] = submission_id
         log.info("run %d: submitted Ray job %s%s", run.id, submission_id, " (one GPU)" if gpus else "")
         return Started(submission_id)
+
+    def cluster_resources(self) -> dict[str, float]:
+        """What the cluster's live nodes have in all (`CPU`, `GPU`, ...), from Ray's state API; {} when it does
+        not answer (then a job on `auto` asks for no GPU, as before the cluster could say)."""
+        try:
+            from ray.util.state import list_nodes
+
+            nodes = list_nodes(address=self.settings.ray_address, timeout=10, raise_on_missing_output=False)
+        except Exception as exc:  # an older Ray, or a state API that does not answer
+            log.warning("could not read the Ray cluster's resources: %s", exc)
+            return {}
+        total: dict[str, float] = {}
+        for node in nodes:
+            if node.state == "ALIVE":
+                for name, amount in (node.resources_total or {}).items():
+                    total[name] = total.get(name, 0.0) + float(amount)
+        return total
 
     def _env(self) -> dict[str, str]:
         env = {
@@ -175,3 +192,11 @@ class RayExecutor:
             return None
         self._latest[run_id] = attempts[max(attempts)].submission_id
         return self._latest[run_id]
+
+
+def gpus_to_ask(device: str, cluster_gpus: float) -> int:
+    """GPUs a job asks Ray for: one for `cuda` (or `cuda:N`); one for `auto` when the cluster has any (else the
+    job would get no GPU: Ray hides the GPUs from a job that asked for none); none for `cpu`."""
+    if device.startswith("cuda"):
+        return 1
+    return 1 if device == "auto" and cluster_gpus > 0 else 0
