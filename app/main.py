@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings, get_settings
 from app.routers import datasets, health, ingest, landscape, lr_range, metrics, models, runs, sweeps
-from app.runner.ray_jobs import make_runner
+from app.runner.runner import make_runner
 from app.security import RequestGuard
 from app.services import Conflict, NotFound
 from store.db import make_engine, upgrade

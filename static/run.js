@@ -332,3 +332,36 @@
 
   start().catch((err) => console.warn(err));
 })();
+
+// The job's log (GET /api/runs/{id}/logs: a local job's stderr, or the Ray job's log), read when its section
+// is opened, and again every few seconds while it stays open on a run that was going when the page loaded.
+(() => {
+  const details = document.getElementById("job-log");
+  if (!details) return;
+  const S = Stepscope;
+  const page = S.pageData();
+  const lines = document.getElementById("job-log-lines");
+  const note = document.getElementById("job-log-note");
+  const REFRESH_MS = 3000;
+  let timer = null;
+
+  async function load() {
+    try {
+      const log = await S.getJSON(`/api/runs/${page.id}/logs?tail=${details.dataset.tail}`);
+      const atEnd = lines.scrollTop + lines.clientHeight >= lines.scrollHeight - 4;
+      lines.textContent = log.lines.join("\n");
+      note.textContent = log.lines.length ? `(last ${log.lines.length} lines, ${log.executor} job)` : "(no log yet)";
+      if (atEnd) lines.scrollTop = lines.scrollHeight; // follow the end unless the reader scrolled up
+    } catch (err) {
+      note.textContent = `(the log could not be read: ${err.message})`;
+    }
+    details.dataset.loaded = "true"; // for tests
+  }
+
+  details.addEventListener("toggle", () => {
+    clearInterval(timer);
+    if (!details.open) return;
+    load();
+    if (!S.FINISHED.has(page.status)) timer = setInterval(load, REFRESH_MS);
+  });
+})();

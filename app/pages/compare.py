@@ -103,7 +103,7 @@ def map_context(session: Session, run_ids: list[int]) -> dict[str, Any]:
 def make_map(request: Request, session: SessionDep, settings: SettingsDep, form: CheckedForm) -> Response:
     """The map sections' button (its script posts the form and follows the map through GET /api/maps/{id})."""
     try:
-        body = MapCreate(run_ids=[int(v) for v in form.getlist("run_id") if str(v).isdigit()],
+        body = MapCreate(run_ids=[int(str(v)) for v in form.getlist("run_id") if str(v).isdigit()],
                          resolution=int(str(form.get("resolution") or DEFAULT_RESOLUTION)))  # fmt: skip
         loss_map, started = services.request_map(session, settings, body.run_ids, body.resolution)
     except (ValidationError, ValueError) as exc:

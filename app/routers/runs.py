@@ -1,4 +1,4 @@
-"""/api/runs: create, list, read, cancel and delete runs; their scores (one run, or all as CSV)."""
+"""/api/runs: create, list, read, cancel and delete runs; their scores (one run, or all as CSV); their jobs' logs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from sqlmodel import SQLModel, select
 
 from analysis.range_test import lr_range_suggestions
 from analysis.runs import summarize_run
-from app.deps import MAX_ID, DbDep, ExecutorReady, RunId, SessionDep, SettingsDep
+from app.deps import MAX_ID, DbDep, ExecutorReady, RunId, RunnerDep, SessionDep, SettingsDep
+from app.runner.executor import DEFAULT_LOG_LINES
+from app.runner.recovery import EXTERNAL
 from app.security import TokenDep
 from app.services import NotFound, cancel_run, create_run, delete_run, resume_run, runs_filter
 from store.metrics import EVAL_KEY, read_metrics
@@ -52,6 +54,19 @@ class RangeTestSuggestions(BaseModel):
     sweep_lrs: list[float] = Field(default_factory=list, description="Five rates around the suggestion, for a sweep")
     smoothing_weight: float | None = None
     skip_start: int | None = Field(None, description="Leading steps left out of the suggestions")
+
+
+MAX_LOG_LINES = 5000
+"""The most lines of a job's log one request returns: a page's worth to read, not the whole file (a long run
+logs a line per eval; the local file is in the run's folder, a Ray job's log is also on Ray's dashboard)."""
+
+
+class RunLogs(BaseModel):
+    run_id: int
+    executor: str
+    """Where the job ran (`local` or `ray`), so where the lines come from: its stderr, or Ray's job log."""
+    lines: list[str]
+    """The last lines the run's latest job printed, oldest first (progress-bar redraws collapsed)."""
 
 
 Verdict = Literal["ok", "too_low", "too_high", "diverged", "inconclusive"]
@@ -236,6 +251,21 @@ def judged_in_sweep(summary: dict[str, Any]) -> dict[str, Any]:
         "solo_verdict": summary.get("verdict"),
         "solo_reason": summary.get("reason"),
     }
+
+
+@router.get("/{run_id}/logs", response_model=RunLogs)
+def read_logs(
+    run_id: RunId,
+    session: SessionDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    tail: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, description="How many of the last lines")] = DEFAULT_LOG_LINES,
+) -> RunLogs:
+    """The end of the log of the run's latest job, through the executor: the local job's stderr or the Ray
+    job's log (`get_job_logs`). None for a run recorded by a script of its own, or one not started yet."""
+    run = get_run(session, run_id)
+    lines = [] if run.kind == EXTERNAL else runner.executor.logs(run_id, tail)
+    return RunLogs(run_id=run_id, executor=settings.executor, lines=lines)
 
 
 @router.post("/{run_id}/resume", response_model=RunPublic)

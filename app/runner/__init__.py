@@ -1,8 +1,9 @@
-"""The job runner: starts queued runs as training processes, watches them, and settles how they ended.
+"""The job runner: hands queued runs to an executor, watches them, and settles how they ended.
 
-`runner` is the poll loop (`JobRunner`); `processes` keeps the book on one job's process (signals,
-exit codes, stderr); `gpus` chooses a GPU for a job; `recovery` decides, for a run that no job of this
-server watches, whether its process is still ours to adopt or the run must be settled.
+`runner` is the poll loop (`JobRunner`: queue, statuses, cancels, recovery), written once for both
+executors; `executor` is the small interface an executor answers; `processes` is the local executor
+(subprocesses of this server) and `ray_jobs` the Ray one (Ray jobs on a cluster); `gpus` chooses a local
+GPU for a job; `recovery` settles external runs whose client went silent.
 """
 
 from app.runner.runner import JobRunner

@@ -3,12 +3,13 @@
 A job runs `python -m trainer --run-id N --server URL`: it reads its run over HTTP and records through
 the ingest API (`trainer.http_recorder`), so a worker never touches this server's database. Ray does the
 queueing and placement: the runner submits every queued run at once, each asking for one CPU (and one
-GPU when its device is cuda), and the cluster starts as many as fit.
+GPU when its device is cuda, or auto on a cluster that has GPUs), and the cluster starts as many as fit.
 
 The submission id names the run and the attempt (`stepscope-<home>-run-<id>-<attempt>`, <home> a digest
 of this server's data directory, so two servers sharing a cluster never take each other's jobs): after a
 server restart the runner finds a run's latest job by that name and watches it again (re-attached, not
-resubmitted); a job that ended without its run recording an end leaves the run `interrupted`.
+resubmitted); a job that ended without its run recording an end leaves the run `interrupted`. A job's
+log is Ray's (`get_job_logs`): the run page shows it, and its end goes into the run's error.
 """
 
 from __future__ import annotations
@@ -18,29 +19,36 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session, col, select
-
-from app import services
 from app.config import Settings
-from app.runner.executor import ClusterUnreachable, JobState
-from app.runner.recovery import EXTERNAL, settle_if_silent
-from app.runner.runner import JobRunner
-from store.tables import FINISHED, Run, RunStatus, utcnow
+from app.runner.executor import (
+    DEFAULT_LOG_LINES,
+    ClusterUnreachable,
+    JobRefused,
+    JobState,
+    Started,
+    StopWhy,
+    last_lines,
+)
+from store.tables import Run
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-LOG_TAIL_LINES = 20
+ENDED = ("succeeded", "failed", "stopped")
+"""Ray's terminal JobStatus values, lower-cased."""
 CHECK_SECONDS = 5.0
 """How long a failed look at the cluster is remembered before the next request tries again."""
 
 
 class RayExecutor:
-    """Ray's Jobs API behind the executor interface (app.runner.executor.Executor)."""
+    """Ray's Jobs API behind the executor interface (app.runner.executor.Executor); a handle is a submission id."""
+
+    gone = "no Ray job of this run is known to the cluster"
+    max_concurrent = 0  # Ray places the jobs: no limit of ours
+    gpus = None  # the cluster's, not this server's (asked for per job: `gpus_to_ask`)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -49,6 +57,8 @@ class RayExecutor:
         self._client: Any = None
         self._failed_at = -CHECK_SECONDS
         self._failure = ""
+        self._latest: dict[int, str] = {}
+        """Run id -> the submission id of its latest attempt this server submitted or re-attached to."""
 
     def client(self) -> Any:
         """The cluster's JobSubmissionClient (ClusterUnreachable while it does not answer)."""
@@ -90,22 +100,47 @@ class RayExecutor:
                 found[int(match.group(1))] = job
         return found
 
-    def start(self, run: Run) -> str:
+    def submit(self, run: Run, running: list[str]) -> Started:
         assert run.id is not None
         attempts = self._attempts(run.id)
         submission_id = f"{self.prefix}{run.id}-{max(attempts, default=0) + 1}"
         device = str(run.config.get("device", "auto"))
         entrypoint = f"python -m trainer --run-id {run.id} --server {self.settings.reachable_url}"
-        self._call(
-            "submit_job",
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            entrypoint_num_cpus=1,
-            entrypoint_num_gpus=1 if device.startswith("cuda") else 0,
-            runtime_env={"env_vars": self._env()},
-            metadata={"stepscope_run": str(run.id), "stepscope_name": run.name[:100]},
-        )
-        return submission_id
+        gpus = gpus_to_ask(device, self.cluster_resources().get("GPU", 0.0) if device == "auto" else 0.0)
+        try:
+            self._call(
+                "submit_job",
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                entrypoint_num_cpus=1,
+                entrypoint_num_gpus=gpus,
+                runtime_env={"env_vars": self._env()},
+                metadata={"stepscope_run": str(run.id), "stepscope_name": run.name[:100], "stepscope_gpus": str(gpus)},
+            )
+        except ClusterUnreachable:
+            raise
+        except Exception as exc:  # refused by the cluster (a bad request): the run cannot start
+            raise JobRefused(f"Ray refused the job: {exc}") from None
+        self._latest[run.id] = submission_id
+        log.info("run %d: submitted Ray job %s%s", run.id, submission_id, " (one GPU)" if gpus else "")
+        return Started(submission_id)
+
+    def cluster_resources(self) -> dict[str, float]:
+        """What the cluster's live nodes have in all (`CPU`, `GPU`, ...), from Ray's state API; {} when it does
+        not answer (then a job on `auto` asks for no GPU, as before the cluster could say)."""
+        try:
+            from ray.util.state import list_nodes
+
+            nodes = list_nodes(address=self.settings.ray_address, timeout=10, raise_on_missing_output=False)
+        except Exception as exc:  # an older Ray, or a state API that does not answer
+            log.warning("could not read the Ray cluster's resources: %s", exc)
+            return {}
+        total: dict[str, float] = {}
+        for node in nodes:
+            if node.state == "ALIVE":
+                for name, amount in (node.resources_total or {}).items():
+                    total[name] = total.get(name, 0.0) + float(amount)
+        return total
 
     def _env(self) -> dict[str, str]:
         env = {
@@ -121,158 +156,47 @@ class RayExecutor:
 
     def poll(self, handle: str) -> JobState:
         info = self._call("get_job_info", handle)
-        return JobState(str(info.status.value).lower(), info.message or "")
+        state, message = str(info.status.value).lower(), info.message or ""
+        if state not in ENDED:
+            return JobState(ended=False)
+        reason = f"its Ray job {handle} ended ({state}: {message}) with no end recorded".replace(": )", ")")
+        return JobState(ended=True, reason=reason, interrupted=True)  # a lost worker or node: resumable
 
-    def stop(self, handle: str, why: str) -> None:
-        log.info("%s: stopping it (%s)", handle, why)
-        self._call("stop_job", handle)
+    def stop(self, handle: str, why: StopWhy) -> bool:
+        if why == "shutdown":
+            return False  # the job runs on without this server: the next one re-attaches to it
+        if why == "cancel":  # a kill needs no call: Ray kills the job RAY_JOB_STOP_WAIT_TIME_S after the stop
+            log.info("%s: stopping it (%s)", handle, why)
+            self._call("stop_job", handle)
+        return True
 
-    def logs(self, handle: str) -> str:
+    def logs(self, run_id: int, lines: int = DEFAULT_LOG_LINES) -> list[str]:
         try:
-            text = str(self._call("get_job_logs", handle))
+            handle = self._latest.get(run_id) or self.latest(run_id)
+            text = str(self._call("get_job_logs", handle)) if handle else ""
         except Exception:  # logs are a courtesy: an unreachable cluster or a lost job has none
-            return ""
-        shown = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
-        return "\n".join([line for line in shown if line][-LOG_TAIL_LINES:])
+            return []
+        return last_lines(text, lines)
 
-    def recover(self, run_id: int) -> str | None:
+    def reattach(self, run: Run) -> str | None:
+        assert run.id is not None
+        handle = self.latest(run.id)
+        if handle is not None and not self.poll(handle).ended:
+            log.info("run %d: watching its Ray job %s again", run.id, handle)
+        return handle
+
+    def latest(self, run_id: int) -> str | None:
+        """The submission id of the run's latest job on the cluster."""
         attempts = self._attempts(run_id)
-        return attempts[max(attempts)].submission_id if attempts else None
+        if not attempts:
+            return None
+        self._latest[run_id] = attempts[max(attempts)].submission_id
+        return self._latest[run_id]
 
 
-@dataclass
-class RayJob:
-    run_id: int
-    handle: str
-    stop_sent: bool = False
-
-
-class RayRunner(JobRunner):
-    """The job runner's poll loop with Ray as the executor. Stopping the server leaves the jobs running on
-    the cluster: the next server re-attaches to them."""
-
-    def __init__(self, settings: Settings, engine: Any, executor: RayExecutor | None = None) -> None:
-        super().__init__(settings, engine)
-        self.executor = executor or RayExecutor(settings)
-        self.ray_jobs: dict[int, RayJob] = {}
-
-    @property
-    def max_concurrent(self) -> int:
-        return 0  # Ray places the jobs: no limit of ours
-
-    @property
-    def jobs(self) -> dict[int, Any]:
-        return self.ray_jobs
-
-    @jobs.setter
-    def jobs(self, value: dict[int, Any]) -> None:
-        pass  # JobRunner.__init__ sets its own; this runner's jobs are ray_jobs
-
-    def check_ready(self) -> None:
-        self.executor.check()
-
-    def stop(self, timeout: float | None = None) -> None:
-        if not self.active:
-            return
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self.ray_jobs:
-            log.info("leaving %d Ray jobs running: the next server re-attaches to them", len(self.ray_jobs))
-        self.ray_jobs.clear()
-        assert self._lock_file is not None
-        self._lock_file.close()
-        self._lock_file, self.active = None, False
-
-    def tick(self) -> None:
-        """Watch the jobs, deliver cancels, re-attach or settle runs nobody watches, submit queued runs."""
-        with Session(self.engine) as session:
-            active = {
-                run.id: run
-                for run in session.exec(select(Run).where(col(Run.status).in_([RunStatus.queued, RunStatus.running])))
-            }
-        try:
-            for job in list(self.ray_jobs.values()):
-                self._watch_ray(job, active.get(job.run_id))
-            for run_id, run in active.items():
-                assert run_id is not None
-                if run_id in self.ray_jobs:
-                    continue
-                if run.kind == EXTERNAL:
-                    settle_if_silent(self.engine, run)
-                elif run.status == RunStatus.running or run.pid is not None:
-                    self._reattach(run)
-            queued = [r for r in active.values() if r.status == RunStatus.queued and r.pid is None]
-            for run in sorted(queued, key=lambda r: r.id or 0):
-                if run.cancel_requested_at is None and run.kind != EXTERNAL:
-                    self._submit(run)
-        except ClusterUnreachable as exc:  # queued runs wait; running ones are looked at again next poll
-            log.warning("job runner: %s", exc)
-
-    def _watch_ray(self, job: RayJob, run: Run | None) -> None:
-        state = self.executor.poll(job.handle)
-        if state.ended:
-            self.ray_jobs.pop(job.run_id)
-            self._settle_ray(job.run_id, job.handle, state)
-        elif run is not None and run.cancel_requested_at is not None and not job.stop_sent:
-            self.executor.stop(job.handle, "cancel")
-            job.stop_sent = True
-
-    def _settle_ray(self, run_id: int, handle: str, state: JobState) -> None:
-        """After a job ended: a run that recorded no end is `cancelled` (if asked) or `interrupted` (resumable)."""
-        with Session(self.engine) as session:
-            run = session.get(Run, run_id)
-            if run is None:
-                return
-            if run.status not in FINISHED:
-                if run.cancel_requested_at is not None:
-                    run.status = RunStatus.cancelled
-                else:
-                    run.status = RunStatus.interrupted
-                    tail = self.executor.logs(handle)
-                    reason = f"its Ray job {handle} ended ({state.state}: {state.message}) with no end recorded"
-                    reason = reason.replace(": )", ")")
-                    run.error = f"{reason}\n--- last lines of its log ---\n{tail}" if tail else reason
-                run.finished_at = utcnow()
-                session.add(run)
-                session.commit()
-                log.info("run %d: %s (Ray job %s %s)", run_id, run.status.value, handle, state.state)
-            if run.sweep_id is not None:
-                services.judge_sweep(session, run.sweep_id)
-
-    def _reattach(self, run: Run) -> None:
-        assert run.id is not None
-        handle = self.executor.recover(run.id)
-        if handle is not None:
-            state = self.executor.poll(handle)
-            if not state.ended:
-                log.info("run %d: watching its Ray job %s again (%s)", run.id, handle, state.state)
-                self.ray_jobs[run.id] = RayJob(run.id, handle)
-                return
-            self._settle_ray(run.id, handle, state)
-            return
-        if run.status == RunStatus.queued and run.cancel_requested_at is None:
-            self._mark(run.id, pid=None)  # claimed by a server that went away before submitting: queue it again
-            return
-        self._settle_ray(run.id, "(none)", JobState("failed", "no job of this run is known to the cluster"))
-
-    def _submit(self, run: Run) -> None:
-        assert run.id is not None
-        if not self._claim(run.id):
-            return
-        try:
-            handle = self.executor.start(run)
-        except ClusterUnreachable:
-            self._mark(run.id, pid=None)  # not submitted: it stays queued for the next poll
-            raise
-        except Exception as exc:  # refused by the cluster (a bad request): the run cannot start
-            self._mark(run.id, status=RunStatus.failed, error=f"Ray refused the job: {exc}", finished_at=utcnow())
-            return
-        self.ray_jobs[run.id] = RayJob(run.id, handle)
-        log.info("run %d: submitted Ray job %s", run.id, handle)
-
-
-def make_runner(settings: Settings, engine: Any) -> JobRunner:
-    """The job runner for the chosen executor (STEPSCOPE_EXECUTOR)."""
-    return RayRunner(settings, engine) if settings.executor == "ray" else JobRunner(settings, engine)
+def gpus_to_ask(device: str, cluster_gpus: float) -> int:
+    """GPUs a job asks Ray for: one for `cuda` (or `cuda:N`); one for `auto` when the cluster has any (else the
+    job would get no GPU: Ray hides the GPUs from a job that asked for none); none for `cpu`."""
+    if device.startswith("cuda"):
+        return 1
+    return 1 if device == "auto" and cluster_gpus > 0 else 0

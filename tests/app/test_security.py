@@ -20,7 +20,7 @@ from sqlmodel import Session
 from app.config import Settings
 from app.main import create_app
 from app.runner import JobRunner
-from app.runner.recovery import adopt_or_settle
+from app.runner.processes import LocalExecutor
 from app.security import AUTH_COOKIE, auth_cookie_value
 from store.db import make_engine
 from store.processes import process_start_time
@@ -352,7 +352,7 @@ def test_the_run_s_own_process_is_adopted(settings: Settings, sleeper: subproces
     with Session(engine) as session:
         run = session.get(Run, run_id)
         assert run is not None
-        job = adopt_or_settle(engine, settings, run)
+        job = LocalExecutor(settings).reattach(run)
     assert job is not None and (job.pid, job.pid_start) == (sleeper.pid, process_start_time(sleeper.pid))
     assert not job.stopped_by_us  # not a job's command line: someone's own process, left alone at shutdown
     assert job.exit_code() is None

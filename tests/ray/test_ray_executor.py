@@ -1,6 +1,7 @@
 """Runs and sweeps on a real local Ray cluster (STEPSCOPE_EXECUTOR=ray), each job recording over HTTP into a
 real `stepscope serve` process: a sweep completes, a cancel stops its Ray job, a killed worker leaves its run
-interrupted, a server restart re-attaches to the running job, and a cluster that is down gives 503."""
+interrupted, a server restart re-attaches to the running job, a cluster that is down gives 503, and a run's
+log is its Ray job's."""
 
 from __future__ import annotations
 
@@ -102,6 +103,33 @@ def test_a_sweep_runs_through_ray_and_records_every_step_over_http(ray_server: S
         job = finished_job(ray_server, ray_address, run_id)
         assert job.status.value == "SUCCEEDED" and f"--run-id {run_id} --server {ray_server.url}" in job.entrypoint
         assert job.metadata["stepscope_run"] == str(run_id)
+
+
+def test_the_run_s_log_is_its_ray_job_s_log(ray_server: Server, ray_address: str) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    status, created = call(ray_server, "POST", "/api/runs", TINY | {"max_steps": 10})
+    assert status == 201, created
+    run_id = created["id"]
+    assert ended(ray_server, run_id)["status"] == "completed"
+    job = finished_job(ray_server, ray_address, run_id)
+    assert job.metadata["stepscope_gpus"] == "0"  # device auto on a cluster without GPUs: none asked for
+
+    status, logs = call(ray_server, "GET", f"/api/runs/{run_id}/logs?tail=5")
+    assert status == 200 and logs["executor"] == "ray"
+    printed = [line.rstrip() for line in JobSubmissionClient(ray_address).get_job_logs(job.submission_id).split("\n")]
+    assert logs["lines"] == [line for line in printed if line][-5:] and len(logs["lines"]) == 5
+    status, logs = call(ray_server, "GET", f"/api/runs/{run_id}/logs")
+    assert any("training examples" in line for line in logs["lines"])  # the trainer's own log, through Ray
+    assert call(ray_server, "GET", f"/api/runs/{run_id}/logs?tail=0")[0] == 422
+
+
+def test_the_cluster_s_resources_are_read(ray_address: str, tmp_path: Path) -> None:
+    from app.config import Settings
+    from app.runner.ray_jobs import RayExecutor
+
+    resources = RayExecutor(Settings(home=tmp_path, executor="ray", ray_address=ray_address)).cluster_resources()
+    assert resources["CPU"] == 2 and resources.get("GPU", 0) == 0  # `ray start --num-cpus 2 --num-gpus 0`
 
 
 def test_cancel_stops_the_ray_job_and_the_run_keeps_its_rows(ray_server: Server, ray_address: str) -> None:
