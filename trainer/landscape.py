@@ -140,12 +140,12 @@ class Snapshots:
     steps: list[int] = field(default_factory=list)
     deltas: list[torch.Tensor] = field(default_factory=list)
     events: list[torch.cuda.Event | None] = field(default_factory=list)
+    start_event: torch.cuda.Event | None = None
 
     def take(self, step: int, weights: list[torch.Tensor]) -> None:
         flat = torch.cat([w.reshape(-1) for w in weights]).float()
         if self.start is None:  # the start point, kept whole
-            host, event = _to_host(flat)
-            self.start, self._start_event = host, event
+            self.start, self.start_event = _to_host(flat)
             return
         host, event = _to_host((flat - self.start.to(flat.device, non_blocking=True)).half())
         self.steps.append(step)
@@ -156,7 +156,7 @@ class Snapshots:
         """Write them (atomically) to the run's folder, after the copies have landed."""
         if self.start is None:
             return
-        for event in [getattr(self, "_start_event", None), *self.events]:
+        for event in [self.start_event, *self.events]:
             if event is not None:
                 event.synchronize()
         run_dir.mkdir(parents=True, exist_ok=True)

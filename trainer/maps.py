@@ -60,6 +60,8 @@ def _runs(conn: sqlite3.Connection, run_ids: list[int]) -> list[dict[str, Any]]:
 def _snapshots(home: Path, runs: list[dict[str, Any]]) -> list[Snapshots]:
     out: list[Snapshots] = []
     for run in runs:
+        if run["config"].get("model") != runs[0]["config"].get("model"):
+            raise MapError(f"run {run['id']} trains another model than run {runs[0]['id']}: one map needs one model")
         snaps = Snapshots.load(home / "runs" / str(run["id"]))
         if snaps is None or snaps.start is None:
             raise MapError(f"run {run['id']} kept no weight snapshots (its map_snapshots was 0, or it never trained)")

@@ -262,14 +262,17 @@ def _update_progress(db: sqlite3.Connection, run_id: int, rows: list[StepRow]) -
     """The run's summary numbers (steps_done, last_loss, best_loss) as the built-in trainer keeps them."""
     if not rows:
         return
-    last = max(rows, key=lambda r: r.step)
+    # A row with other scalars only (say, accuracy at a step whose loss came before) says nothing of the loss.
+    with_loss = [r for r in rows if r.loss is not None] or rows
+    last = max(with_loss, key=lambda r: r.step)
     losses = [r.loss for r in rows if r.loss is not None and math.isfinite(r.loss)]
     db.execute(
-        "UPDATE runs SET last_loss = CASE WHEN ? >= steps_done THEN ? ELSE last_loss END, "
+        "UPDATE runs SET last_loss = CASE WHEN ? AND ? >= steps_done THEN ? ELSE last_loss END, "
         "best_loss = CASE WHEN ? IS NULL THEN best_loss WHEN best_loss IS NULL OR ? < best_loss THEN ? "
         "ELSE best_loss END, steps_done = max(steps_done, ?) WHERE id = ?",
-        (last.step, last.loss, *([min(losses)] * 3 if losses else [None] * 3), last.step, run_id),
-    )
+        (last.loss is not None, last.step, last.loss, *([min(losses)] * 3 if losses else [None] * 3),
+         max(r.step for r in rows), run_id),
+    )  # fmt: skip
 
 
 def _steps_done(db: sqlite3.Connection, run_id: int) -> int:
