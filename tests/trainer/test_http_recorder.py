@@ -3,6 +3,7 @@ ingest API's /job route that takes a built-in run's own columns."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def queue_run(settings: Settings, **config: object) -> int:
 
 def test_a_job_given_a_server_url_records_every_step_over_http(settings: Settings, home: Path) -> None:
     pytest.importorskip("ray.job_submission")
-    run_id = queue_run(settings, max_steps=30)
+    run_id = queue_run(settings, max_steps=30, probe_every=10, module_norms_every=10, loraplus_lr_ratio=16)
     # A Ray executor whose cluster nobody answers: the server starts no job itself, the run waits for ours.
     with serve(home, executor="ray", ray_address=f"http://127.0.0.1:{free_port()}") as server:
         done = subprocess.run(
@@ -49,8 +50,15 @@ def test_a_job_given_a_server_url_records_every_step_over_http(settings: Setting
         ).fetchone()
         steps = [r[0] for r in conn.execute("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", (run_id,))]
         evals = conn.execute("SELECT count(*) FROM eval_metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
+        probes = [r[0] for r in conn.execute("SELECT step FROM probe_curves WHERE run_id = ? ORDER BY step", (run_id,))]
+        norms = [r[0] for r in conn.execute("SELECT step FROM module_norms WHERE run_id = ? ORDER BY step", (run_id,))]
+        tensors, last_loss = conn.execute("SELECT lora_tensors, last_loss FROM runs WHERE id = ?", (run_id,)).fetchone()
+        rates = dict(conn.execute("SELECT key, count(*) FROM scalar_metrics WHERE run_id = ? GROUP BY key", (run_id,)))
     assert (status, total, steps_done) == ("completed", 30, 30) and summary is not None
     assert steps == list(range(1, 31)) and evals == 3
+    # the walk (issue 13) over HTTP too: probes, module norms with their tensors' names, LoRA+'s two rates
+    assert probes == norms == [1, 10, 20, 30] and len(json.loads(tensors)) == 16
+    assert rates == {"lr/A": 30, "lr/B": 30} and last_loss is not None  # rate-only rows leave the loss alone
 
 
 def test_the_job_route_takes_a_built_in_runs_columns_and_nothing_else(settings: Settings) -> None:
