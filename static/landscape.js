@@ -87,8 +87,9 @@
     const layers = [...new Set(mod.layers.filter((l) => l !== null))].sort((a, b) => a - b);
     const slider = document.getElementById("modules-step");
     const label = document.getElementById("modules-step-value");
+    const following = slider.dataset.ready !== "true" || slider.value === slider.max; // at the newest step: stay there
     slider.max = String(mod.steps.length - 1);
-    if (slider.dataset.ready !== "true") slider.value = slider.max;
+    if (following) slider.value = slider.max;
     slider.dataset.ready = "true";
 
     function drawStep() {
@@ -129,7 +130,19 @@
     S.plotConfig);
   }
 
+  const WALK_POLL_MS = 15000; // while the run trains: probes and module norms arrive every few dozen steps
+
   async function showWalk(section) {
+    await drawWalk(section);
+    if (section.dataset.finished === "true") return;
+    S.every(WALK_POLL_MS, async () => {
+      const run = await S.getJSON(`/api/runs/${section.dataset.runId}`);
+      await drawWalk(section);
+      return !S.FINISHED.has(run.status); // one last draw after it ended, then stop
+    });
+  }
+
+  async function drawWalk(section) {
     const id = section.dataset.runId;
     const [probes, modules] = await Promise.all([S.getJSON(`/api/runs/${id}/probes`), S.getJSON(`/api/runs/${id}/modules`)]);
     await S.documentParsed;
