@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+PROBE_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+"""Where along a step a probe looks: from one step back to three steps on, every half step (nine forwards
+of the probe batch); the lowest point between them is refined by a parabola (`best_alpha`)."""
 STRIDE_RIGHT = (0.7, 1.4)
 """Best α within this band reads as a stride that fits: the probe's points are 0.5 apart, so a parabola's
 vertex within ±0.3-0.4 of 1 is within the precision a nine-point probe on a noisy batch gives."""
@@ -62,6 +65,11 @@ def read_stride(alpha: float | None) -> str:
         return (
             f"The lowest point along this step was at {alpha:.2g} of the step taken: "
             f"the stride was {1 / alpha:.2g}x too long."
+        )
+    if alpha >= PROBE_ALPHAS[-1]:
+        return (
+            f"The loss was still falling at {alpha:.2g} times this step, the farthest point probed: "
+            f"the stride was at least {alpha:.2g}x too short."
         )
     if alpha > high:
         return (

@@ -27,16 +27,13 @@ from typing import Any
 
 import torch
 
-from analysis.landscape import best_alpha
+from analysis.landscape import PROBE_ALPHAS, best_alpha
 from store.landscape import SNAPSHOTS_FILE, ModuleRow, ProbeRow
 from store.scalars import ScalarRow
 from trainer.batches import Batch, collate
 from trainer.config import TrainConfig
 from trainer.measure import _views
 
-PROBE_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
-"""Where along a step the probe looks: from one step back to three steps on, every half step (nine
-forwards); the lowest point between them is refined by a parabola (analysis.landscape.best_alpha)."""
 PROBE_EXAMPLES = 8
 """Held-out examples in the probe batch. Nine forwards of it cost about three training steps at batch 8 (a
 backward costs about two forwards), so probing every 100 steps adds about 3% (bench/landscape.py)."""

@@ -56,6 +56,7 @@ def test_a_flat_or_broken_probe_has_no_lowest_point() -> None:
     assert best_alpha(PROBE_ALPHAS, [1.0] * len(PROBE_ALPHAS)) is None  # an fp16 step the scaler skipped
     assert best_alpha(PROBE_ALPHAS, [1.0, None, *[1.0] * 7]) is None
     assert best_alpha(PROBE_ALPHAS, [9, 8, 7, 6, 5, 4, 3, 2, 1]) == 3.0  # still falling at the end
+    assert "the stride was at least 3x too short" in read_stride(3.0)
 
 
 def test_tensor_norms_are_each_tensors_own_update_and_weight_norm() -> None:
