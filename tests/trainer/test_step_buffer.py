@@ -53,7 +53,7 @@ class GpuLikeBuffer(StepBuffer):
 
 
 def _step(buffer: StepBuffer, step: int, loss: float = 2.0) -> None:
-    values = [torch.tensor(v) for v in (loss, 1.0, 0.01, 10.0, 0.5, 0.1)]
+    values = [torch.tensor(v, device=buffer.device) for v in (loss, 1.0, 0.01, 10.0, 0.5, 0.1)]
     buffer.add(values, (step, step / 10, 4 * step, 64 * step, 1e-3, 0.1 * step, 0.1))
     buffer.start_copy()
 
@@ -123,3 +123,14 @@ def test_on_the_cpu_the_loop_delivers_in_collect_and_no_thread_runs() -> None:
     _step(buffer, 2)
     assert delivered == [] and threading.active_count() == before  # delivered by the loop, not behind its back
     assert buffer.collect() is None and delivered == [1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+def test_on_a_gpu_a_copy_is_delivered_as_it_lands_while_the_loop_goes_on() -> None:
+    delivered: list[int] = []
+    buffer = StepBuffer(torch.device("cuda"), lambda rows, evals: delivered.extend(r[0] for r in rows))
+    torch.cuda._sleep(1_000_000_000)  # the GPU stays busy (about half a second) before the copy can land
+    _step(buffer, 1)
+    assert delivered == []  # the loop did not wait for the GPU
+    wait_for(lambda: delivered == [1], 30, "the copy to be delivered without a call from the loop")
+    assert buffer.collect(wait=True) is None and delivered == [1]
