@@ -35,6 +35,7 @@ from app.deps import MAX_ID, DbDep, SessionDep
 from app.routers.ingest import EvalRow, StepRow, record_evals, record_steps
 from app.runner.recovery import EXTERNAL, TRACKIO_SOURCE
 from app.security import TrackioTokenDep
+from store.metrics import EVAL_KEY
 from store.scalars import KEY_PATTERN
 from store.tables import STEP_COLUMNS, Run, RunStatus, sqlite_time, utcnow
 
@@ -44,7 +45,7 @@ TRACKIO_API_VERSION = 1
 """The protocol version Trackio's client asks `/version` for (HTTP_API_VERSION in trackio/remote_client.py)."""
 GLOBAL_STEP = "train/global_step"
 """What transformers' TrackioCallback logs as the optimizer step next to each log."""
-STANDARD = {"learning_rate": "lr", "eval/loss": "eval_loss"} | {c: c for c in STEP_COLUMNS if c != "step"}
+STANDARD = {"learning_rate": "lr", "eval/loss": "eval_loss", EVAL_KEY: EVAL_KEY} | {c: c for c in STEP_COLUMNS}
 """Trackio's names of stepscope's columns; each may also carry the Trainer's `train/` prefix."""
 SILENCE_SECONDS = 60.0
 """Silence that ends a Trackio run: the external runs' default heartbeat. The client sends about every
@@ -168,11 +169,11 @@ def _rows(entry: TrackioLog) -> tuple[StepRow | None, EvalRow | None]:
             continue
         name = key.removeprefix("train/")
         column = STANDARD.get(name)
-        if column == "eval_loss":
+        if column == EVAL_KEY:
             evals[column] = value
         elif column is not None:
             train[column] = value
-        elif KEY_PATTERN.fullmatch(key) and math.isfinite(value):
+        elif key != "step" and KEY_PATTERN.fullmatch(key) and math.isfinite(value):  # step: the row's own
             (evals if key.startswith("eval/") else train)[key] = value
     return _checked(StepRow, step, train), _checked(EvalRow, step, evals) if evals else None
 

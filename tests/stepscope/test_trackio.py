@@ -132,12 +132,14 @@ def _log(project: str, run_id: str, step: int, metrics: dict[str, Any]) -> dict[
 
 def test_silence_completes_a_trackio_run_and_speaking_again_reopens_it(client: TestClient, settings: Settings) -> None:
     assert client.get("/version").json()["api_version"] == 1
-    call = {"kwargs": {"logs": [_log("p", "a", s, {"loss": 1.0, "lr": -1.0, "odd key": 2}) for s in range(3)]}}
+    odd = {"lr": -1.0, "odd key": 2, "step": 7.5, "samples": 1.5, "big": 10**400}  # each left out
+    call = {"kwargs": {"logs": [_log("p", "a", s, {"loss": 1.0, "eval_loss": 2.0, **odd}) for s in range(3)]}}
     assert client.post("/api/bulk_log", json=call).json() == {"data": None}
     assert client.post("/api/bulk_log", json=call).json() == {"data": None}  # sent again: nothing more
     [run] = client.get("/api/runs").json()["data"]
-    got = client.get(f"/api/runs/{run['id']}/metrics?keys=loss,lr").json()
-    assert got["steps"] == [0, 1, 2] and got["series"]["lr"] == [None] * 3  # a negative lr is left out
+    got = client.get(f"/api/runs/{run['id']}/metrics?keys=loss,lr,samples,eval_loss").json()
+    assert got["steps"] == [0, 1, 2] and got["series"]["lr"] == got["series"]["samples"] == [None] * 3
+    assert got["series"]["loss"] == [1.0] * 3 and got["series"]["eval_loss"] == [2.0] * 3
     assert client.get(f"/api/runs/{run['id']}/metric-keys").json()["custom"] == []
 
     engine = make_engine(settings.database_url)
