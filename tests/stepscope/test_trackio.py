@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ from app.runner.recovery import settle_if_silent
 from store.db import make_engine
 from store.tables import Run, utcnow
 from tests.browser.conftest import REPO
+from tests.conftest import wait_for
 from tests.stepscope.conftest import Server
 
 pytest.importorskip("trackio")  # the dev extra installs it
 
 
-def _script(code: str, server: Server, tmp_path: Path) -> None:
+def _script(code: str, server: Server, tmp_path: Path, nothing_kept: bool = True) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEPSCOPE_", "TRACKIO_"))} | {
         "TRACKIO_SERVER_URL": server.url,
         "TRACKIO_WRITE_TOKEN": "unused-without-a-stepscope-token",
@@ -42,7 +44,7 @@ def _script(code: str, server: Server, tmp_path: Path) -> None:
         [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert not (tmp_path / "trackio").exists() or not list((tmp_path / "trackio").rglob("*.db")), (
+    assert not nothing_kept or not (tmp_path / "trackio").exists() or not list((tmp_path / "trackio").rglob("*.db")), (
         "the client kept rows locally: a call failed\n" + done.stdout + done.stderr[-4000:]
     )
 
@@ -163,3 +165,42 @@ def test_bad_trackio_calls_get_422_and_the_token_is_checked(settings: Settings) 
             "/api/bulk_log", json={"kwargs": {"logs": [{"run": "r"}]}}, headers={"X-Trackio-Write-Token": "s3cret"}
         )
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "kwargs", "logs", 0, "project"]
+
+
+def test_rows_logged_while_the_server_is_down_arrive_once_it_is_back(server: Server, tmp_path: Path) -> None:
+    half, go = tmp_path / "half", tmp_path / "go"
+    code = f"""
+        import pathlib, time, trackio
+        trackio.init(project="lora", name="outage")
+        for step in range(1, 21):
+            trackio.log({{"loss": 3.0 - step / 100}}, step=step)
+        time.sleep(2)  # sent
+        pathlib.Path({str(half)!r}).touch()
+        while not pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.1)
+        for step in range(21, 41):  # the server is down: Trackio's client keeps these locally
+            trackio.log({{"loss": 3.0 - step / 100}}, step=step)
+        time.sleep(2)
+        pathlib.Path({str(half)!r}).unlink()
+        while pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.1)
+        trackio.finish()
+        """
+    with ThreadPoolExecutor(1) as pool:
+        script = pool.submit(_script, code, server, tmp_path, False)
+        _outage(server, half, go)
+        script.result(120)  # the script's own asserts
+    assert list((tmp_path / "trackio").rglob("*.db")), "the client never kept a row: the outage tested nothing"
+    run = _only_run(server)
+    got = server.get(f"/api/runs/{run['id']}/metrics?keys=loss")
+    assert got["steps"] == list(range(1, 41)) and run["steps_done"] == 40  # each once
+
+
+def _outage(server: Server, half: Path, go: Path) -> None:
+    """Stop the server once the script says its first rows went out; start it again once it logged the rest."""
+    wait_for(half.exists, 60, "the first rows to be sent")
+    server.stop()
+    go.touch()
+    wait_for(lambda: not half.exists(), 60, "the rows to be logged while the server is down")
+    server.start()
+    go.unlink()
