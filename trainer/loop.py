@@ -253,9 +253,6 @@ class _Copy:
     scaled: bool
     """Whether fp16 loss scaling was on: a non-finite gradient then means a skipped step, not a broken run."""
 
-    def landed(self) -> bool:
-        return self.event is None or self.event.query()
-
     def rows(self) -> tuple[list[StepRow], list[EvalRow]]:
         if self.event is not None:
             self.event.synchronize()  # waits (sleeping: a blocking event) until the copy has landed
@@ -316,13 +313,14 @@ class StepBuffer:
         behind it on the same stream, so the buffer can be reused at once."""
         values = self.values[: len(self.host)]
         evals = torch.stack([v for _, v, _ in self.evals]) if self.evals else None
-        event = self._event()
-        if event is not None:
-            values = _to_pinned(values) if self.device.type == "cuda" else values.clone()
-            evals = (_to_pinned(evals) if self.device.type == "cuda" else evals.clone()) if evals is not None else None
-            event.record()
+        if self.device.type == "cuda":
+            values = _to_pinned(values)
+            evals = _to_pinned(evals) if evals is not None else None
         else:
             values = values.clone()
+        event = self._event()
+        if event is not None:
+            event.record()  # after the copies, on the same stream: it fires when they have landed
         meta = [(step, wall) for step, _, wall in self.evals]
         copy = _Copy(self.host, meta, values, evals, event, self.scaled)
         self.host, self.evals, self.last_copy = [], [], time.monotonic()

@@ -1,7 +1,7 @@
 """StepBuffer's collector thread, which on a GPU delivers a copy the moment its event fires.
 
 There is no GPU here, so the copies carry a stand-in for `torch.cuda.Event` whose landing the test
-decides (`query`, `synchronize` and `record` as CUDA's event has them); everything else is the real
+decides (`record` and `synchronize`, as CUDA's event has them); everything else is the real
 StepBuffer on CPU tensors, with the loop's own `record` and a real recorder behind it.
 """
 
@@ -32,9 +32,6 @@ class Landing:
 
     def record(self) -> None:
         pass
-
-    def query(self) -> bool:
-        return self.done.is_set()
 
     def synchronize(self) -> None:
         assert self.done.wait(30), "the copy never landed"
