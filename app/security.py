@@ -24,7 +24,7 @@ import time
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Depends, HTTPException, Request, Response, status
+from fastapi import Depends, Header, HTTPException, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -209,3 +209,24 @@ def require_token(
 
 
 TokenDep = Depends(require_token)
+
+TRACKIO_TOKEN_HEADER = "X-Trackio-Write-Token"
+"""Where Trackio's client sends its write token (`TRACKIO_WRITE_TOKEN`, trackio/remote_client.py)."""
+
+
+def require_trackio_token(
+    request: Request,
+    settings: SettingsDep,
+    write_token: Annotated[str | None, Header(alias=TRACKIO_TOKEN_HEADER)] = None,
+) -> None:
+    """`require_token` for the Trackio-compatible endpoints: Trackio's client cannot send a bearer header,
+    so its write token stands for STEPSCOPE_TOKEN."""
+    if not token_required(request.method, token=settings.token, is_public=settings.is_public):
+        return
+    if write_token is None or not token_matches(write_token, settings.token):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "Trackio's client needs TRACKIO_WRITE_TOKEN set to STEPSCOPE_TOKEN"
+        )
+
+
+TrackioTokenDep = Depends(require_trackio_token)

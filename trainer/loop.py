@@ -9,6 +9,7 @@ is not, and that is worth seeing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -16,7 +17,8 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +254,10 @@ DEVICE_VALUES = 6  # per step: loss, grad_norm, update_norm, param_norm, update_
 EvalRow = tuple[int, float | None, float]  # (step, eval_loss, wall_time)
 
 
+Problem = tuple[str, int]  # (why the run diverged, at which step)
+Deliver = Callable[[list[StepRow], list[EvalRow]], Problem | None]
+
+
 @dataclass
 class _Copy:
     """A batch of steps on its way to the host: the copy is queued on the GPU, `event` says when it landed."""
@@ -260,16 +266,13 @@ class _Copy:
     evals: list[tuple[int, float]]
     values: torch.Tensor
     eval_values: torch.Tensor | None
-    event: torch.cuda.Event | None
+    event: Any  # a torch.cuda.Event, or None when the copy was made on the CPU (it has landed then)
     scaled: bool
     """Whether fp16 loss scaling was on: a non-finite gradient then means a skipped step, not a broken run."""
 
-    def landed(self) -> bool:
-        return self.event is None or self.event.query()
-
     def rows(self) -> tuple[list[StepRow], list[EvalRow]]:
         if self.event is not None:
-            self.event.synchronize()  # only waits when asked for rows that have not landed (the run's end)
+            self.event.synchronize()  # waits (sleeping: a blocking event) until the copy has landed
         rows = []
         for (step, epoch, samples, tokens, lr, wall, dt), (loss, gn, un, pn, cos, align) in zip(
             self.host, self.values.tolist(), strict=True
@@ -290,17 +293,30 @@ class StepBuffer:
     Calling `.item()` on a GPU tensor waits for the GPU to finish every queued kernel; doing that each
     step would stall the loop (and even one wait per batch drains the GPU's queue). Instead each step
     writes its device scalars into a device tensor; every FLUSH_STEPS steps or FLUSH_SECONDS the batch
-    is copied to pinned host memory asynchronously, and a CUDA event tells later steps when it landed.
+    is copied to pinned host memory asynchronously, and a CUDA event says when it landed.
+
+    Landed rows go to `deliver` (the loop's `record`: divergence guard, then the writer) at once. On the
+    GPU a copy lands while the loop is already busy with the next step, which may take seconds, so a
+    collector thread sleeps on each copy's event and delivers it the moment it lands: a kill -9 then
+    loses only steps whose rows never reached the host. On the CPU a copy has landed when it is made,
+    and the loop delivers it itself in `collect` (no thread). What a delivery returns (a divergence) or
+    raises (the writer failed) reaches the loop at its next `collect`; copies after it are dropped, as
+    the loop drops the steps after a divergence.
     """
 
-    def __init__(self, device: torch.device, scaled: bool = False) -> None:
+    def __init__(self, device: torch.device, deliver: Deliver, scaled: bool = False) -> None:
         self.device = device
+        self.deliver = deliver
         self.scaled = scaled
         self.values = torch.zeros((FLUSH_STEPS, DEVICE_VALUES), device=device)
         self.host: list[HostFields] = []
         self.evals: list[tuple[int, torch.Tensor, float]] = []
-        self.in_flight: list[_Copy] = []
         self.last_copy = time.monotonic()
+        self._copies: deque[_Copy] = deque()  # made, not yet delivered, oldest first
+        self._outcomes: list[Problem | BaseException] = []  # what deliveries by the collector found
+        self._ended = False  # a delivery found a divergence or failed: nothing more is delivered
+        self._collecting = False  # a collector thread is running
+        self._changed = threading.Condition()
 
     def add(self, device_values: list[torch.Tensor], host_values: HostFields) -> None:
         self.values[len(self.host)] = torch.stack(device_values)
@@ -314,22 +330,74 @@ class StepBuffer:
         behind it on the same stream, so the buffer can be reused at once."""
         values = self.values[: len(self.host)]
         evals = torch.stack([v for _, v, _ in self.evals]) if self.evals else None
-        event = None
         if self.device.type == "cuda":
             values = _to_pinned(values)
             evals = _to_pinned(evals) if evals is not None else None
-            event = torch.cuda.Event()
-            event.record()
         else:
             values = values.clone()
+        event = self._event()
+        if event is not None:
+            event.record()  # after the copies, on the same stream: it fires when they have landed
         meta = [(step, wall) for step, _, wall in self.evals]
-        self.in_flight.append(_Copy(self.host, meta, values, evals, event, self.scaled))
+        copy = _Copy(self.host, meta, values, evals, event, self.scaled)
         self.host, self.evals, self.last_copy = [], [], time.monotonic()
+        with self._changed:
+            if self._ended:
+                return
+            self._copies.append(copy)
+            if event is not None and not self._collecting:
+                self._collecting = True
+                threading.Thread(target=self._collect_landed, name="stepscope-copies", daemon=True).start()
 
-    def arrived(self, wait: bool = False) -> Iterator[tuple[list[StepRow], list[EvalRow]]]:
-        """Rows of the copies that have reached the host, oldest first (all of them when `wait`)."""
-        while self.in_flight and (wait or self.in_flight[0].landed()):
-            yield self.in_flight.pop(0).rows()
+    def _event(self) -> Any:
+        """The event that says when a copy landed; None on the CPU, where it lands as it is made."""
+        # blocking: the collector sleeps until the copy lands instead of spinning a core (cudaEventBlockingSync)
+        return torch.cuda.Event(blocking=True) if self.device.type == "cuda" else None
+
+    def collect(self, wait: bool = False) -> Problem | None:
+        """Deliver what has landed (all of it when `wait`); the first divergence a delivery found, if any.
+        A failed delivery raises here, in the loop."""
+        with self._changed:
+            while self._copies and self._copies[0].event is None and not self._ended:  # the CPU's copies
+                copy = self._copies.popleft()
+                problem = self.deliver(*copy.rows())
+                if problem is not None:
+                    self._end()
+                    return problem
+            if wait:
+                self._changed.wait_for(lambda: not self._copies)
+            outcomes, self._outcomes = self._outcomes, []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        return None
+
+    def _collect_landed(self) -> None:
+        """The collector thread: deliver each copy as its event fires, oldest first; end when none is left."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # the events belong to the training device (else device 0)
+        while True:
+            with self._changed:
+                if not self._copies:
+                    self._collecting = False
+                    return
+                copy = self._copies[0]
+            try:
+                outcome: Problem | BaseException | None = self.deliver(*copy.rows())
+            except BaseException as exc:  # the writer failed: the loop raises it
+                outcome = exc
+            with self._changed:
+                if self._copies and self._copies[0] is copy:
+                    self._copies.popleft()
+                if outcome is not None:
+                    self._outcomes.append(outcome)
+                    self._end()
+                self._changed.notify_all()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._copies.clear()  # the steps after a divergence are dropped
 
 
 def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
@@ -429,7 +497,7 @@ class History:
 
 def record(
     rows: list[StepRow], evals: list[EvalRow], guard: DivergenceGuard, recorder: Recorder, history: History
-) -> tuple[str, int] | None:
+) -> Problem | None:
     """Hand rows that reached the host to the writer; return (reason, step) if the run diverged.
 
     Rows up to and including the first bad step are kept; steps computed after it are dropped.
@@ -471,8 +539,9 @@ def fit(
     """The steps of a run (from a checkpoint's step on, given `resume`), checkpointing into `run_dir`."""
     cfg = s.cfg
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16)
-    buffer, guard = StepBuffer(s.device, scaled=scaler.is_enabled()), DivergenceGuard(cfg.kind)
-    history = history if history is not None else History()
+    guard, history = DivergenceGuard(cfg.kind), history if history is not None else History()
+    deliver = functools.partial(record, guard=guard, recorder=recorder, history=history)
+    buffer = StepBuffer(s.device, deliver, scaled=scaler.is_enabled())
     at = restore(s, scaler, resume) if resume is not None else checkpoints.Resumed(0, 0, 0, 0.0)
     _replay(guard, history)
     samples, tokens = at.samples, at.tokens
@@ -509,12 +578,11 @@ def fit(
         last_step = stop.requested or step == s.total_steps or checkpoint
         if buffer.due() or last_step:
             buffer.start_copy()
-        for rows, evals in buffer.arrived(wait=last_step):
-            problem = record(rows, evals, guard, recorder, history)
-            if problem and cfg.kind == "lr_range_test":
-                return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
-            if problem:
-                return Outcome("diverged", problem[1], error=problem[0], error_step=problem[1])
+        problem = buffer.collect(wait=last_step)
+        if problem and cfg.kind == "lr_range_test":
+            return Outcome("completed", problem[1])  # a range test ends by design once the loss blows up
+        if problem:
+            return Outcome("diverged", problem[1], error=problem[0], error_step=problem[1])
         for probes, modules, scalars in s.walk.arrived(wait=last_step):
             recorder.walk(probes, modules, scalars)
         if checkpoint:  # every row up to this step is committed first: a resumed run starts right after them

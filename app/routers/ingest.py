@@ -221,10 +221,16 @@ def create_external_run(body: ExternalRunCreate, session: SessionDep) -> Run:
 def add_steps(run_id: RunId, body: StepsIn, db: DbDep) -> Written:
     """Record a batch of steps. A step sent again keeps the values it had where the new row has none (a
     script may log a step's metrics in several calls), so a retried batch changes nothing: idempotent."""
+    record_steps(db, run_id, body.rows)
+    return Written(run_id=run_id, rows=len(body.rows), steps_done=_steps_done(db, run_id))
+
+
+def record_steps(db: sqlite3.Connection, run_id: int, step_rows: list[StepRow]) -> None:
+    """Write checked step rows of a running run in one transaction (also the Trackio-compatible endpoint's)."""
     reserved = {"step", *METRIC_KEYS}
     by_step: dict[int, list[Any]] = {}
     custom = []
-    for i, row in enumerate(body.rows):
+    for i, row in enumerate(step_rows):
         values = [getattr(row, c) for c in STEP_COLUMNS]
         before = by_step.get(row.step)
         by_step[row.step] = values if before is None else _merged(values, before)
@@ -239,10 +245,9 @@ def add_steps(run_id: RunId, body: StepsIn, db: DbDep) -> Written:
         ]
         write_steps(db, run_id, rows)
         write_scalars(db, run_id, custom)
-        _update_progress(db, run_id, body.rows)
+        _update_progress(db, run_id, step_rows)
 
     _commit(db, write)
-    return Written(run_id=run_id, rows=len(body.rows), steps_done=_steps_done(db, run_id))
 
 
 def _merged(new: list[Any], old: Sequence[Any]) -> list[Any]:
@@ -282,15 +287,21 @@ def _steps_done(db: sqlite3.Connection, run_id: int) -> int:
 @router.post("/api/runs/{run_id}/evals", response_model=Written)
 def add_evals(run_id: RunId, body: EvalsIn, db: DbDep) -> Written:
     """Record a batch of evaluations (idempotent on (run, step)); other scalars go with the custom keys."""
+    record_evals(db, run_id, body.rows)
+    return Written(run_id=run_id, rows=len(body.rows), steps_done=_steps_done(db, run_id))
+
+
+def record_evals(db: sqlite3.Connection, run_id: int, eval_rows: list[EvalRow]) -> None:
+    """Write checked eval rows of a running run in one transaction (also the Trackio-compatible endpoint's)."""
     reserved = {"step", "wall_time", *METRIC_KEYS}
     custom = [
-        (key, row.step, value) for i, row in enumerate(body.rows) for key, value in _extras(row, ["rows", i], reserved)
+        (key, row.step, value) for i, row in enumerate(eval_rows) for key, value in _extras(row, ["rows", i], reserved)
     ]
     _claim(db, run_id)
     # eval_metrics.wall_time is required: without the script's own, the seconds since the run started.
     started = db.execute("SELECT julianday(started_at) FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
     received = 0.0 if started is None else max(0.0, (_julian_now(db) - started) * 86_400)
-    evals = [(run_id, r.step, r.eval_loss, r.wall_time if r.wall_time is not None else received) for r in body.rows]
+    evals = [(run_id, r.step, r.eval_loss, r.wall_time if r.wall_time is not None else received) for r in eval_rows]
 
     def write() -> None:
         db.executemany(EVAL_INSERT, evals)
@@ -301,7 +312,6 @@ def add_evals(run_id: RunId, body: EvalsIn, db: DbDep) -> Written:
             db.execute("UPDATE runs SET last_eval_loss = ? WHERE id = ?", (last[2], run_id))
 
     _commit(db, write)
-    return Written(run_id=run_id, rows=len(evals), steps_done=_steps_done(db, run_id))
 
 
 class ProbeIn(BaseModel):

@@ -18,13 +18,18 @@ log = logging.getLogger(__name__)
 
 EXTERNAL = "external"
 """The kind of a run that a script outside the server records through the ingest API (app.routers.ingest)."""
+TRACKIO_SOURCE = "trackio"
+"""The `stepscope_source` of a run recorded through the Trackio-compatible endpoints (app.routers.trackio)."""
 SERVER_STARTED = datetime.now(UTC)
 """A client cannot reach a server that is down: its silence counts only from when this server started."""
 
 
 def settle_if_silent(engine: Engine, run: Run, now: datetime | None = None) -> bool:
     """Mark an external run `interrupted` once its client has been silent longer than it said it may be
-    (`heartbeat_seconds`; a killed script sends nothing more). Whether it did."""
+    (`heartbeat_seconds`; a killed script sends nothing more). Whether it did.
+
+    A Trackio run ends `completed` instead: Trackio's client has no call that ends a run, so silence is
+    how every one of them ends (and one that speaks again runs again, app.routers.trackio)."""
     if run.heartbeat_seconds is None:
         return False
     now = now or utcnow()
@@ -37,12 +42,15 @@ def settle_if_silent(engine: Engine, run: Run, now: datetime | None = None) -> b
             run.heartbeat_at or run.created_at
         ):
             return False  # finished, or its client spoke since this poll read it
-        row.status = RunStatus.interrupted
-        row.error = f"its client sent nothing for {run.heartbeat_seconds:g} s (the script ended without finish)"
-        row.finished_at = now
+        if (row.config or {}).get("stepscope_source") == TRACKIO_SOURCE:
+            row.status, row.error = RunStatus.completed, None
+        else:
+            row.status = RunStatus.interrupted
+            row.error = f"its client sent nothing for {run.heartbeat_seconds:g} s (the script ended without finish)"
+        row.finished_at, ended = now, row.status.value
         session.add(row)
         session.commit()
-    log.info("run %d: interrupted (its client went silent)", run.id)
+    log.info("run %d: %s (its client went silent)", run.id, ended)
     return True
 
 

@@ -170,3 +170,55 @@ def test_events_deliver_a_new_step_within_a_second(settings: Settings) -> None:
         conn.close()
         server.should_exit = True
         thread.join(10)
+
+
+# CPU and fp32, so that two processes compute the same floats (as tests/trainer/test_resume.py); AdamW, so
+# that its moments must come back from the checkpoint too.
+RESUMABLE = {**TINY, "max_steps": 200, "checkpoint_every": 40, "eval_every": 100, "optimizer": "adamw",
+             "learning_rate": 3e-3, "device": "cpu", "precision": "fp32", "seed": 11}  # fmt: skip
+COMPARED = ("loss", "grad_norm", "update_norm", "lr", "samples", "tokens")
+
+
+def step_rows(settings: Settings, run_id: int) -> list[sqlite3.Row]:
+    with sqlite3.connect(settings.db_path) as conn:
+        conn.row_factory = sqlite3.Row
+        sql = f"SELECT step, {', '.join(COMPARED)} FROM step_metrics WHERE run_id = ? ORDER BY step"
+        return conn.execute(sql, (run_id,)).fetchall()
+
+
+def test_a_run_resumed_after_the_server_was_killed_matches_one_never_stopped(
+    settings: Settings, servers: Callable[[], Server]
+) -> None:
+    first = servers()
+    never_stopped = httpx.post(f"{first.url}/api/runs", json=RESUMABLE, timeout=60).json()["id"]
+    stopped = httpx.post(f"{first.url}/api/runs", json=RESUMABLE, timeout=60).json()["id"]
+    wait_for(lambda: first.run(never_stopped)["status"] == "completed", 300, "the first run to complete")
+    wait_for(lambda: first.run(stopped)["steps_done"] >= 60, 120, "the second run to pass a checkpoint")
+
+    # The machine goes down hard: the server and its job die at once.
+    pid = job_pid(settings, stopped)
+    first.proc.kill()
+    os.kill(pid, signal.SIGKILL)
+    first.proc.wait()
+    wait_for(lambda: not process_alive(pid), 10, "the job to die")
+
+    second = servers()
+    assert second.run(stopped)["status"] == "interrupted"
+    resumed = httpx.post(f"{second.url}/api/runs/{stopped}/resume", timeout=60)
+    assert resumed.status_code == 200, resumed.text
+    wait_for(lambda: second.run(stopped)["steps_done"] >= 110, 120, "the resumed run to train")
+
+    # Now only the server dies: its job goes on alone, and the next server watches it to its end.
+    pid = job_pid(settings, stopped)
+    second.proc.kill()
+    second.proc.wait()
+    assert process_alive(pid)
+    third = servers()
+    wait_for(lambda: third.run(stopped)["status"] == "completed", 120, "the resumed run to complete")
+
+    reference, got = step_rows(settings, never_stopped), step_rows(settings, stopped)
+    assert [r["step"] for r in got] == list(range(1, 201))  # every step exactly once
+    for a, b in zip(reference, got, strict=True):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert third.run(stopped)["verdict"] == third.run(never_stopped)["verdict"]
