@@ -23,6 +23,7 @@ from store.tables import (
     FINISHED,
     Dataset,
     EvalMetric,
+    Generation,
     Run,
     RunStatus,
     ScalarMetric,
@@ -252,6 +253,7 @@ def delete_run(session: Session, settings: Settings, run_id: int) -> None:
     session.exec(delete(EvalMetric).where(col(EvalMetric.run_id) == run_id))
     session.exec(delete(step_rollups).where(step_rollups.c.run_id == run_id))
     session.exec(delete(ScalarMetric).where(col(ScalarMetric.run_id) == run_id))
+    session.exec(delete(Generation).where(col(Generation.run_id) == run_id))
     session.delete(run)
     session.commit()
     shutil.rmtree(settings.runs_dir / str(int(run_id)), ignore_errors=True)

@@ -19,6 +19,7 @@ KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_./:-]{0,99}")
 """A custom key: a name up to 100 characters (letters, digits, `_ . / : -`), e.g. `eval/accuracy`."""
 
 _INSERT = "INSERT OR REPLACE INTO scalar_metrics (run_id, key, step, value) VALUES (?, ?, ?, ?)"
+SCALAR_INSERT = _INSERT  # for writers that queue their SQL (trainer.recorder)
 # Distinct keys of a run by walking the primary key: one seek per key, whatever the number of rows.
 _KEYS_SQL = (
     "WITH RECURSIVE k(key) AS (SELECT min(key) FROM scalar_metrics WHERE run_id = :run "

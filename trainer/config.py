@@ -85,6 +85,14 @@ class TrainConfig(BaseModel):
     )
     range_min_lr: float = Field(1e-7, description="LR range test: first learning rate.")
     range_max_lr: float = Field(1.0, description="LR range test: last learning rate.")
+    # Answers at eval steps (trainer.generate): one greedy batch of generate_count prompts, generate_max_new_tokens
+    # forward passes, at each eval step only; 8 x 16 keeps it under a second for the default model on a CPU.
+    generate_count: int = Field(
+        8, ge=0, le=64, description="Held-out prompts answered (greedily) at each eval step, for accuracy (0: none)."
+    )
+    generate_max_new_tokens: int = Field(
+        16, ge=0, le=256, description="Longest answer at eval steps, in tokens (0: no answers)."
+    )
 
     @field_validator("learning_rate", "range_min_lr", "range_max_lr")
     @classmethod

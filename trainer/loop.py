@@ -33,6 +33,7 @@ from trainer import checkpoints
 from trainer.batches import Batch, eval_batches, step_batches, tokenize
 from trainer.config import TrainConfig
 from trainer.data import load_examples, plan_steps
+from trainer.generate import Probe, accuracy, greedy_answers, pick_probes
 from trainer.measure import StepMeter
 from trainer.models import add_lora, count_params, load_base
 from trainer.recorder import Recorder
@@ -71,6 +72,9 @@ class Setup:
     updates_per_epoch: int
     total_steps: int
     plan: dict[str, Any] = field(default_factory=dict)
+    tok: Any = None
+    probes: list[Probe] = field(default_factory=list)
+    """Held-out prompts answered at each eval step (trainer.generate); none when generate_count is 0."""
 
 
 class StopFlag:
@@ -166,6 +170,8 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         updates_per_epoch=per_epoch,
         total_steps=total_steps,
         plan=plan,
+        tok=tok,
+        probes=pick_probes(eval_examples, tok, cfg.generate_count) if cfg.generate_max_new_tokens else [],
     )
 
 
@@ -224,6 +230,15 @@ def evaluate(s: Setup) -> torch.Tensor | None:
     s.model.eval()
     n_items = sum(b.n_loss_tokens for b in s.eval_set)
     return torch.stack([_forward(s, b.to(s.device), n_items).float() for b in s.eval_set]).sum()
+
+
+def answer_probes(s: Setup, recorder: Recorder, step: int) -> None:
+    """Record the greedy answers to the probe prompts and their accuracy. Decoding reads tokens back to the
+    host, so this waits for the device: at eval steps only, with bounded count and length."""
+    answers = greedy_answers(s.model, s.tok, s.probes, s.cfg.generate_max_new_tokens, s.device, s.autocast_dtype)
+    rows = [(step, a.index, s.probes[a.index].prompt, s.probes[a.index].expected, a.output, a.exact, a.overlap)
+            for a in answers]  # fmt: skip
+    recorder.generations(step, rows, accuracy(answers))
 
 
 # --- recording -----------------------------------------------------------------------------------------
@@ -481,6 +496,8 @@ def fit(
             eval_loss = evaluate(s)
             if eval_loss is not None:
                 buffer.evals.append((step, eval_loss, time.perf_counter() - start))
+            if s.probes:
+                answer_probes(s, recorder, step)
         if progress is not None:
             progress.update(1)
 

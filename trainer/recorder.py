@@ -20,8 +20,10 @@ from typing import Any
 from sqlmodel import Session
 
 from store.db import configure_sqlite, make_engine
+from store.generations import GENERATION_INSERT, GenerationRow
 from store.processes import process_start_time
 from store.rollups import STEP_INSERT, write_steps
+from store.scalars import SCALAR_INSERT
 from store.tables import Run, RunStatus, sqlite_time
 from trainer.config import TrainConfig
 
@@ -126,6 +128,13 @@ class Recorder(QueuedRecorder):
         """Rows of (step, eval_loss, wall_time)."""
         if rows:
             self._queue.put((_EVAL_SQL, [(self.run_id, *row) for row in rows]))
+
+    def generations(self, step: int, rows: list[GenerationRow], metrics: dict[str, float]) -> None:
+        """An eval step's answers to the probe prompts, and their scores as the run's scalars at that step."""
+        if rows:
+            self._queue.put((GENERATION_INSERT, [(self.run_id, *row) for row in rows]))
+        if metrics:
+            self._queue.put((SCALAR_INSERT, [(self.run_id, key, step, value) for key, value in metrics.items()]))
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""

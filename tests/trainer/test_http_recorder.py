@@ -49,8 +49,13 @@ def test_a_job_given_a_server_url_records_every_step_over_http(settings: Setting
         ).fetchone()
         steps = [r[0] for r in conn.execute("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", (run_id,))]
         evals = conn.execute("SELECT count(*) FROM eval_metrics WHERE run_id = ?", (run_id,)).fetchone()[0]
+        answers = conn.execute("SELECT step, count(*) FROM generations WHERE run_id = ? GROUP BY step", (run_id,))
+        answered = answers.fetchall()
+        sql = "SELECT step FROM scalar_metrics WHERE run_id = ? AND key = 'eval/exact_match' ORDER BY step"
+        accuracy_steps = [r[0] for r in conn.execute(sql, (run_id,))]
     assert (status, total, steps_done) == ("completed", 30, 30) and summary is not None
     assert steps == list(range(1, 31)) and evals == 3
+    assert answered == [(10, 8), (20, 8), (30, 8)] and accuracy_steps == [10, 20, 30]  # answers and accuracy too
 
 
 def test_the_job_route_takes_a_built_in_runs_columns_and_nothing_else(settings: Settings) -> None:
