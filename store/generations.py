@@ -39,4 +39,3 @@ def read_generations(conn: sqlite3.Connection, run_id: int) -> dict[str, Any]:
         "prompts": [prompts[i] for i in sorted(prompts)],
         "steps": [{"step": step, "answers": answers} for step, answers in steps.items()],
     }
-

@@ -68,7 +68,8 @@ def test_the_stream_fills_the_columns_together_and_adds_up_to_the_answers(client
     with client.stream("POST", "/api/generate/stream", json=body) as answer:
         assert answer.status_code == 200 and answer.headers["content-type"].startswith("application/x-ndjson")
         events = [json.loads(line) for line in answer.iter_lines() if line]
-    assert events[0]["event"] == "start" and [s["key"] for s in events[0]["sources"]] == [f"base:{TINY}", "run:2", "run:1"]
+    assert events[0]["event"] == "start"
+    assert [s["key"] for s in events[0]["sources"]] == [f"base:{TINY}", "run:2", "run:1"]
     assert events[-1] == {"event": "done"}
     streamed: dict[str, str] = {}
     for event in events:
@@ -185,3 +186,36 @@ def test_the_downloaded_adapter_is_the_trained_model(client: TestClient, tmp_pat
     with sqlite3.connect(trained_home / "stepscope.db") as conn:
         (recorded,) = conn.execute("SELECT eval_loss FROM eval_metrics WHERE run_id = 1 AND step = 40").fetchone()
     assert loss == pytest.approx(recorded, rel=1e-5)
+
+
+def test_the_playground_page_offers_the_runs_with_adapters(client: TestClient) -> None:
+    from bs4 import BeautifulSoup
+
+    answer = client.get("/playground?ids=2")
+    assert answer.status_code == 200
+    soup = BeautifulSoup(answer.text, "html.parser")
+    assert soup.select_one('nav a[href="/playground"]') is not None
+    boxes = {int(b["value"]): b.has_attr("checked") for b in soup.select('input[name="run"]')}
+    assert boxes == {1: False, 2: True}  # both finished with an adapter; the one asked for is ticked
+    labels = [label.get_text(" ", strip=True) for label in soup.select("#playground-runs label")]
+    assert any("1e-2" in text for text in labels) and any("1e-5" in text for text in labels)
+    assert soup.select_one("textarea#prompt") is not None and soup.select_one("#max_new_tokens")["max"] == "1024"
+    compare = BeautifulSoup(client.get("/compare?ids=1,2").text, "html.parser")
+    assert compare.select_one("section#answers table#answers-table") is not None
+    assert compare.select_one("#answers-playground")["href"] == "/playground?ids=2,1"  # by learning rate
+
+
+def test_the_playground_streams_only_with_the_pages_csrf_token(client: TestClient) -> None:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(client.get("/playground").text, "html.parser")
+    token = soup.select_one("#playground-form")["data-csrf"]
+    body = {"prompt": PROMPT, "run_ids": [1], "max_new_tokens": 6}
+    assert client.post("/playground/generate", json=body).status_code == 403
+    assert client.post("/playground/generate", json=body, headers={"X-CSRF-Token": "x" * 43}).status_code == 403
+    answer = client.post("/playground/generate", json=body, headers={"X-CSRF-Token": token})
+    assert answer.status_code == 200
+    events = [json.loads(line) for line in answer.text.splitlines()]
+    assert "".join(e["text"] for e in events if e["event"] == "token" and e["key"] == "run:1") == "amber"
+    bad = client.post("/playground/generate", json={**body, "top_p": 2}, headers={"X-CSRF-Token": token})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "top_p"]
