@@ -67,18 +67,25 @@ class Playground:
     def open(self, sources: list[Source]) -> None:
         """Load what `sources` need (bases, then adapters) and pin them until `close`."""
         with self._lock:
-            self._start_torch()
-            for source in sorted(sources, key=lambda s: s.run_id is not None):  # bases before adapters
-                self._pins[source.key] += 1
-                if source.key not in self._lru:
-                    self._load(source)
-                self._lru.move_to_end(source.key)
+            self._pins.update(s.key for s in sources)
+            try:
+                self._start_torch()
+                for source in sorted(sources, key=lambda s: s.run_id is not None):  # bases before adapters
+                    if source.key not in self._lru:
+                        self._load(source)
+                    self._lru.move_to_end(source.key)
+            except BaseException:
+                self._unpin(sources)
+                raise
             self._fit()
+
+    def _unpin(self, sources: list[Source]) -> None:
+        self._pins.subtract(s.key for s in sources)
+        self._pins += Counter()  # drop the keys at zero
 
     def close(self, sources: list[Source]) -> None:
         with self._lock:
-            self._pins.subtract(s.key for s in sources)
-            self._pins += Counter()  # drop the keys at zero
+            self._unpin(sources)
             self._fit()
 
     def _start_torch(self) -> None:

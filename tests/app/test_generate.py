@@ -3,6 +3,7 @@ and its adapter as a zip that peft loads back into the very model the run traine
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import sqlite3
@@ -150,6 +151,10 @@ def test_recorded_answers_by_eval_step(client: TestClient) -> None:
     assert keys == ["eval/exact_match", "eval/token_overlap"]
     accuracy = client.get("/api/runs/1/metrics", params={"keys": "eval/exact_match"}).json()
     assert accuracy["steps"] == [20, 40] and accuracy["series"]["eval/exact_match"][-1] >= 0.875
+    table = list(csv.DictReader(io.StringIO(client.get("/api/runs/1/metrics.csv").text)))
+    assert [float(r["eval/exact_match"]) for r in table if r["eval/exact_match"]] == accuracy["series"][
+        "eval/exact_match"
+    ]
 
 
 def test_the_downloaded_adapter_is_the_trained_model(client: TestClient, tmp_path: Path, trained_home: Path) -> None:
@@ -219,3 +224,30 @@ def test_the_playground_streams_only_with_the_pages_csrf_token(client: TestClien
     assert "".join(e["text"] for e in events if e["event"] == "token" and e["key"] == "run:1") == "amber"
     bad = client.post("/playground/generate", json={**body, "top_p": 2}, headers={"X-CSRF-Token": token})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "top_p"]
+
+
+def test_a_load_that_fails_leaves_nothing_pinned_and_deleting_a_run_deletes_its_answers(
+    settings: Settings, db: sqlite3.Connection, tmp_path: Path
+) -> None:
+    from app.playground import Playground, Source
+    from store.generations import write_generations
+
+    playground = Playground(2**30, tmp_path, threads=1)
+    missing = Source(TINY, 7, tmp_path / "no-adapter")
+    with pytest.raises(ValueError):
+        playground.open([Source(TINY), missing])
+    assert not +playground._pins and playground.loaded() == [f"base:{TINY}"]  # the base loaded; nothing in use
+
+    db.execute(
+        "INSERT INTO runs (name, kind, status, model, dataset, learning_rate, batch_size, optimizer, config, "
+        "created_at, steps_done) VALUES ('r', 'train', 'completed', ?, 'synthetic-lookup', 0.01, 8, 'adamw', '{}', "
+        "'2026-01-01 00:00:00.000000', 0)",
+        (TINY,),
+    )
+    db.execute("BEGIN")
+    write_generations(db, 1, [(20, 0, "The otter is ", "amber", "amber", True, 1.0)])
+    db.execute("COMMIT")
+    with TestClient(create_app(settings, run_jobs=False)) as client:
+        assert client.get("/api/runs/1/generations").json()["steps"][0]["answers"][0]["output"] == "amber"
+        assert client.delete("/api/runs/1").status_code == 204
+    assert db.execute("SELECT count(*) FROM generations").fetchone() == (0,)
