@@ -51,6 +51,10 @@ class Settings(DataSettings):
     """The Ray cluster's dashboard address, which serves the Jobs API (with EXECUTOR=ray)."""
     server_url: str = ""
     """The address Ray jobs reach this server at to record their rows (default http://HOST:PORT)."""
+    generate_memory_mb: float = Field(default=2048, gt=0)
+    """Memory for the models /api/generate keeps loaded (base models and run adapters; least recently used out)."""
+    generate_threads: int = Field(default=2, ge=1, le=1024)
+    """CPU threads the server's own generation uses (/api/generate, the playground); training jobs are not affected."""
 
     @property
     def reachable_url(self) -> str:

@@ -17,7 +17,21 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app.config import Settings, get_settings
-from app.routers import datasets, health, ingest, landscape, lr_range, metrics, models, runs, sweeps, trackio
+from app.playground import Playground
+from app.routers import (
+    datasets,
+    generate,
+    generations,
+    health,
+    ingest,
+    landscape,
+    lr_range,
+    metrics,
+    models,
+    runs,
+    sweeps,
+    trackio,
+)
 from app.runner.runner import make_runner
 from app.security import RequestGuard
 from app.services import Conflict, NotFound
@@ -116,7 +130,11 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
     app.state.settings = settings
     app.state.engine = engine
     app.state.runner = runner
-    for module in (runs, ingest, sweeps, lr_range, metrics, landscape, datasets, models, health, trackio):
+    app.state.playground = Playground(
+        int(settings.generate_memory_mb * 2**20), settings.model_cache_dir, settings.generate_threads
+    )
+    for module in (runs, ingest, generations, generate, sweeps, lr_range, metrics, landscape, datasets, models, health,
+                   trackio):  # fmt: skip
         app.include_router(module.router)
     if importlib.util.find_spec("app.pages") is not None:
         from app import pages

@@ -25,6 +25,7 @@ from store.tables import (
     FINISHED,
     Dataset,
     EvalMetric,
+    Generation,
     LossMap,
     ModuleNorm,
     ProbeCurve,
@@ -259,6 +260,7 @@ def delete_run(session: Session, settings: Settings, run_id: int) -> None:
     session.exec(delete(ScalarMetric).where(col(ScalarMetric.run_id) == run_id))
     session.exec(delete(ProbeCurve).where(col(ProbeCurve.run_id) == run_id))
     session.exec(delete(ModuleNorm).where(col(ModuleNorm.run_id) == run_id))
+    session.exec(delete(Generation).where(col(Generation.run_id) == run_id))
     session.delete(run)
     session.commit()
     shutil.rmtree(settings.runs_dir / str(int(run_id)), ignore_errors=True)

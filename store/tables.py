@@ -283,3 +283,19 @@ class Dataset(DatasetBase, table=True):
 class DatasetPublic(DatasetBase):
     id: int
     created_at: datetime
+
+
+class Generation(SQLModel, table=True):
+    """What a run answered to one of its fixed held-out prompts at an eval step (trainer.generate), scored against
+    the expected completion where the dataset has one. A few prompts per eval step: small next to the steps."""
+
+    __tablename__ = "generations"
+    __table_args__ = {"sqlite_with_rowid": False}
+    run_id: int = Field(foreign_key="runs.id", primary_key=True)
+    step: int = Field(primary_key=True)
+    prompt_index: int = Field(primary_key=True)
+    prompt: str
+    expected: str | None = None
+    output: str
+    exact: bool | None = None
+    overlap: float | None = None

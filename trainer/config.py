@@ -111,6 +111,14 @@ class TrainConfig(BaseModel):
         le=256,
         description="LoRA weight snapshots kept for the loss map, spread evenly over the run (0: none).",
     )
+    # Answers at eval steps (trainer.generate): one greedy batch of generate_count prompts, generate_max_new_tokens
+    # forward passes, at each eval step only. 8 x 16 costs about what the eval loss over 100 examples does.
+    generate_count: int = Field(
+        8, ge=0, le=64, description="Held-out prompts answered (greedily) at each eval step, for accuracy (0: none)."
+    )
+    generate_max_new_tokens: int = Field(
+        16, ge=0, le=256, description="Longest answer at eval steps, in tokens (0: no answers)."
+    )
 
     @field_validator("learning_rate", "range_min_lr", "range_max_lr")
     @classmethod

@@ -21,11 +21,13 @@ from enum import Enum
 from typing import Any
 
 from stepscope.client import MAX_ROWS_PER_REQUEST, NON_FINITE_ALLOWED, _Transport, _Unreachable
+from store.generations import GenerationRow
 from store.landscape import ModuleRow, ProbeRow
 from store.scalars import ScalarRow
 from store.tables import STEP_COLUMNS
 from trainer.recorder import _CLOSE, QueuedRecorder
 
+ANSWER_FIELDS = ("prompt_index", "prompt", "expected", "output", "exact", "overlap")  # a GenerationRow after its step
 RETRY_SECONDS = 0.5
 CLOSE_WAIT_SECONDS = 120.0
 """How long `close` keeps trying to reach a server that is down before the rows are given up."""
@@ -94,6 +96,11 @@ class HttpRecorder(QueuedRecorder):
             self._queue.put(("module-norms", rows))
         if scalars:
             self._queue.put(("steps", [{"step": step, key: _value(key, v)} for key, step, v in scalars]))
+    def generations(self, step: int, rows: list[GenerationRow], metrics: dict[str, float]) -> None:
+        """An eval step's answers and their scores (POST /api/runs/{id}/generations)."""
+        if rows or metrics:
+            answers = [dict(zip(ANSWER_FIELDS, row[1:], strict=True)) for row in rows]
+            self._queue.put(("generations", [{"step": step, "answers": answers, "metrics": metrics}]))
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""

@@ -35,6 +35,7 @@ from trainer import checkpoints
 from trainer.batches import Batch, eval_batches, step_batches, tokenize
 from trainer.config import TrainConfig
 from trainer.data import load_examples, plan_steps
+from trainer.generate import Prompt, accuracy, greedy_answers, pick_prompts
 from trainer.landscape import Walk, probe_batch, rate_groups
 from trainer.measure import StepMeter
 from trainer.models import add_lora, count_params, load_base
@@ -75,6 +76,9 @@ class Setup:
     total_steps: int
     walk: Walk
     plan: dict[str, Any] = field(default_factory=dict)
+    tok: Any = None
+    prompts: list[Prompt] = field(default_factory=list)
+    """Held-out prompts answered at each eval step (trainer.generate); none when generate_count is 0."""
 
 
 class StopFlag:
@@ -185,6 +189,8 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         total_steps=total_steps,
         walk=walk,
         plan=plan,
+        tok=tok,
+        prompts=pick_prompts(eval_examples, tok, cfg.generate_count) if cfg.generate_max_new_tokens else [],
     )
 
 
@@ -243,6 +249,15 @@ def evaluate(s: Setup) -> torch.Tensor | None:
     s.model.eval()
     n_items = sum(b.n_loss_tokens for b in s.eval_set)
     return torch.stack([_forward(s, b.to(s.device), n_items).float() for b in s.eval_set]).sum()
+
+
+def answer_prompts(s: Setup, recorder: Recorder, step: int) -> None:
+    """Record the greedy answers to the held-out prompts and their accuracy. Decoding reads tokens back to the
+    host, so this waits for the device: at eval steps only, with bounded count and length."""
+    answers = greedy_answers(s.model, s.tok, s.prompts, s.cfg.generate_max_new_tokens, s.device, s.autocast_dtype)
+    rows = [(step, a.index, s.prompts[a.index].prompt, s.prompts[a.index].expected, a.output, a.exact, a.overlap)
+            for a in answers]  # fmt: skip
+    recorder.generations(step, rows, accuracy(answers))
 
 
 # --- recording -----------------------------------------------------------------------------------------
@@ -570,6 +585,8 @@ def fit(
             eval_loss = evaluate(s)
             if eval_loss is not None:
                 buffer.evals.append((step, eval_loss, time.perf_counter() - start))
+            if s.prompts:
+                answer_prompts(s, recorder, step)
         if progress is not None:
             progress.update(1)
 

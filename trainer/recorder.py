@@ -20,6 +20,7 @@ from typing import Any
 from sqlmodel import Session
 
 from store.db import configure_sqlite, make_engine
+from store.generations import GENERATION_INSERT, GenerationRow
 from store.landscape import MODULE_INSERT, PROBE_INSERT, ModuleRow, ProbeRow, module_values, probe_values
 from store.processes import process_start_time
 from store.rollups import STEP_INSERT, write_steps
@@ -137,6 +138,12 @@ class Recorder(QueuedRecorder):
             self._queue.put((MODULE_INSERT, module_values(self.run_id, modules)))
         if scalars:
             self._queue.put((SCALAR_INSERT, [(self.run_id, *row) for row in scalars]))
+    def generations(self, step: int, rows: list[GenerationRow], metrics: dict[str, float]) -> None:
+        """An eval step's answers to the held-out prompts, and their scores as the run's scalars at that step."""
+        if rows:
+            self._queue.put((GENERATION_INSERT, [(self.run_id, *row) for row in rows]))
+        if metrics:
+            self._queue.put((SCALAR_INSERT, [(self.run_id, key, step, value) for key, value in metrics.items()]))
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""

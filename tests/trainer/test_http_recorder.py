@@ -53,12 +53,18 @@ def test_a_job_given_a_server_url_records_every_step_over_http(settings: Setting
         probes = [r[0] for r in conn.execute("SELECT step FROM probe_curves WHERE run_id = ? ORDER BY step", (run_id,))]
         norms = [r[0] for r in conn.execute("SELECT step FROM module_norms WHERE run_id = ? ORDER BY step", (run_id,))]
         tensors, last_loss = conn.execute("SELECT lora_tensors, last_loss FROM runs WHERE id = ?", (run_id,)).fetchone()
-        rates = dict(conn.execute("SELECT key, count(*) FROM scalar_metrics WHERE run_id = ? GROUP BY key", (run_id,)))
+        sql = "SELECT key, count(*) FROM scalar_metrics WHERE run_id = ? AND key LIKE 'lr/%' GROUP BY key"
+        rates = dict(conn.execute(sql, (run_id,)))
+        answers = conn.execute("SELECT step, count(*) FROM generations WHERE run_id = ? GROUP BY step", (run_id,))
+        answered = answers.fetchall()
+        sql = "SELECT step FROM scalar_metrics WHERE run_id = ? AND key = 'eval/exact_match' ORDER BY step"
+        accuracy_steps = [r[0] for r in conn.execute(sql, (run_id,))]
     assert (status, total, steps_done) == ("completed", 30, 30) and summary is not None
     assert steps == list(range(1, 31)) and evals == 3
     # the walk (issue 13) over HTTP too: probes, module norms with their tensors' names, LoRA+'s two rates
     assert probes == norms == [1, 10, 20, 30] and len(json.loads(tensors)) == 16
     assert rates == {"lr/A": 30, "lr/B": 30} and last_loss is not None  # rate-only rows leave the loss alone
+    assert answered == [(10, 8), (20, 8), (30, 8)] and accuracy_steps == [10, 20, 30]  # answers and accuracy too
 
 
 def test_the_job_route_takes_a_built_in_runs_columns_and_nothing_else(settings: Settings) -> None:
