@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from analysis.landscape import read_stride
 from app.config import Settings
 from app.main import create_app
 from tests.trainer.conftest import train
@@ -104,7 +105,7 @@ def test_probes_and_module_norms_as_json_and_csv(client: TestClient, sweep: Path
     assert probes["alphas"][0] == -1.0 and probes["alphas"][-1] == 3.0
     for p in probes["probes"]:
         assert len(p["losses"]) == len(probes["alphas"])
-        assert "The lowest point along this step was at" in p["reading"] or "not finite" in p["reading"]
+        assert p["reading"] == read_stride(p["best_alpha"])
     assert probes["typical_alpha"] is not None and probes["reading"]
     csv_lines = client.get("/api/runs/3/probes.csv").text.strip().splitlines()
     assert csv_lines[0].startswith("step,best_alpha,loss_at_-1,loss_at_-0.5,loss_at_0,")

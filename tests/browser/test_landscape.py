@@ -65,7 +65,8 @@ def test_a_sweeps_map_and_a_runs_cross_sections(page: Page, server: Server) -> N
     assert all(len(c["y"]) == 9 for c in curves)
     best: Any = p.evaluate("() => document.getElementById('chart-best-alpha').data[0]")
     assert best["x"] == [1, 3, 6, 9, 12] and all(v is not None for v in best["y"])
-    assert "The lowest point along its steps was at" in p.text_content("#probe-reading")
+    reading = api(server, f"/api/runs/{runs[2]['id']}/probes")["reading"]
+    assert p.text_content("#probe-reading") == f"{reading} (median over the second half of 5 probes)"
     heat: Any = p.evaluate("() => document.getElementById('chart-modules').data[0]")
     assert heat["type"] == "heatmap" and heat["x"][:2] == ["q_proj.A", "q_proj.B"] and len(heat["y"]) == 2
     over_steps: Any = p.evaluate("() => document.getElementById('chart-modules-steps').data[0]")
