@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -20,7 +21,9 @@ from sqlmodel import Session, col, select
 from analysis.sweeps import summarize_sweep
 from app.config import Settings
 from app.runner.maps import settle_if_gone, start_map
+from app.runner.merges import merge_state, start_merge
 from store.landscape import SNAPSHOTS_FILE, map_key
+from store.merges import has_adapter
 from store.tables import (
     FINISHED,
     Dataset,
@@ -339,3 +342,27 @@ def request_map(session: Session, settings: Settings, run_ids: list[int], resolu
     assert loss_map.id is not None
     start_map(settings, loss_map.id)
     return loss_map, True
+
+
+# --- a run's adapter merged into its base model ---------------------------------------------------------
+
+_merge_lock = threading.Lock()  # two clicks at once start one job (the server is one process)
+
+
+def request_merge(session: Session, settings: Settings, run_id: int) -> tuple[dict[str, Any], bool]:
+    """(the merge's state, whether it was started now): the one made or being made from the run's current
+    adapter, else a new background job (also after a failed one). The run must exist (NotFound), be finished
+    and have saved an adapter (Conflict)."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"no run with id {run_id}")
+    if run.status not in FINISHED:
+        raise Conflict(f"run {run_id} is {run.status.value}: a merge is made of a finished run's adapter")
+    run_dir = settings.runs_dir / str(run_id)
+    if not has_adapter(run_dir):
+        raise Conflict(f"run {run_id} has no saved adapter ({run.status.value})")
+    with _merge_lock:
+        state = merge_state(run_dir)
+        if state is not None and state["status"] != "failed":
+            return state, False
+        return start_merge(settings, run_id), True

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from sqlalchemy import func
 from sqlmodel import Session, select
 
@@ -13,6 +15,8 @@ from app.deps import RunId, SessionDep, SettingsDep
 from app.pages.compare import map_context
 from app.pages.render import CheckedForm, not_found, render, require_sign_in
 from app.routers.lr_range import suggested_sweep
+from app.runner.merges import merge_state
+from store.merges import has_adapter
 from store.tables import FINISHED, Dataset, Run, RunStatus, Sweep
 from trainer.config import ConfigError
 
@@ -84,7 +88,7 @@ def runs_list(
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(request: Request, session: SessionDep, run_id: RunId) -> HTMLResponse:
+def run_page(request: Request, session: SessionDep, settings: SettingsDep, run_id: RunId) -> HTMLResponse:
     run = session.get(Run, run_id)
     if run is None:
         return not_found(request, f"Run {run_id}")
@@ -109,8 +113,30 @@ def run_page(request: Request, session: SessionDep, run_id: RunId) -> HTMLRespon
         "dataset_name": dataset_names(session).get(run.dataset, run.dataset),
         "analysis_labels": ANALYSIS_LABELS,
         "map": map_context(session, [run_id]) if run.kind == "train" else None,
+        "merge": merge_context(settings.runs_dir / str(run_id)) if run.status in FINISHED else None,
     }
     return render(request, "run.html", context)
+
+
+def merge_context(run_dir: Path) -> dict[str, str] | None:
+    """The run page's *take the model away* section: only for a run with a saved adapter."""
+    if not has_adapter(run_dir):
+        return None
+    state = merge_state(run_dir)
+    return {"status": state["status"] if state else "none"}
+
+
+@router.post("/runs/{run_id}/merge", response_model=None)
+def merge_run(session: SessionDep, settings: SettingsDep, run_id: RunId, form: CheckedForm) -> Response:
+    """The run page's *Merge* button (its script posts the form and follows the merge through
+    GET /api/runs/{id}/merge)."""
+    try:
+        state, started = services.request_merge(session, settings, run_id)
+    except services.NotFound as exc:
+        return JSONResponse({"error": str(exc)}, 404)
+    except services.Conflict as exc:
+        return JSONResponse({"error": str(exc)}, 409)
+    return JSONResponse({"status": state["status"]}, 202 if started else 200)
 
 
 @router.post("/runs/{run_id}/range-sweep", response_model=None)
