@@ -24,7 +24,16 @@ from typing import Any
 
 from peft import PeftModel
 
-from store.merges import ADAPTER_DIR, MODEL_DIR, STAGES, merged_dir, read_state, write_state
+from store.merges import (
+    ADAPTER_DIR,
+    MODEL_DIR,
+    STAGES,
+    adapter_stamp,
+    has_adapter,
+    merged_dir,
+    read_state,
+    write_state,
+)
 from store.processes import process_start_time
 from store.settings import DataSettings
 from trainer.models import load_base
@@ -85,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     run_id = int(args[0])
     settings = DataSettings()
     run_dir = settings.runs_dir / str(run_id)
+    if not has_adapter(run_dir):
+        print(f"run {run_id} has no saved adapter in {run_dir}", file=sys.stderr)
+        return 2
+    merged_dir(run_dir).mkdir(exist_ok=True)  # the server makes it when it queues the merge; by hand, here
     me = os.getpid()
     state = read_state(run_dir) or {}
-    state.update(status="running", pid=me, pid_start=process_start_time(me), stage=None, progress=0.0, error=None)
+    state.update(status="running", pid=me, pid_start=process_start_time(me), stage=None, progress=0.0, error=None,
+                 adapter=adapter_stamp(run_dir))  # fmt: skip
     write_state(run_dir, state)
 
     def stage(name: str) -> None:

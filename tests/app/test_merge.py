@@ -145,6 +145,9 @@ def test_merge_requests_are_checked(client: TestClient, home: Path) -> None:
     finally:
         (folder / "kept").rename(folder / "adapter")
     assert client.get("/api/runs/2/merge").json()["status"] == "none"  # nothing was started
+    by_hand = subprocess.run([sys.executable, "-m", "trainer.merge", "99"], capture_output=True, text=True,
+                             env=os.environ | {"STEPSCOPE_HOME": str(home)}, timeout=120)  # fmt: skip
+    assert by_hand.returncode == 2 and "run 99 has no saved adapter" in by_hand.stderr
 
 
 def test_a_failed_merge_says_why_and_starts_again(client: TestClient, home: Path) -> None:
