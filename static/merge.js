@@ -65,7 +65,7 @@
       }
       follow(section);
     });
-    if (["queued", "running", "completed"].includes(section.dataset.status)) follow(section);
+    if (section.dataset.status !== "none") follow(section); // a failed one shows its error
   }
 
   const section = document.getElementById("merge-section");
