@@ -19,12 +19,15 @@
   let followLast = true; // the slider stays on the last step until the user moves it
 
   async function load(run) {
-    const [answers, accuracy] = await Promise.all([
+    const [answers, keys] = await Promise.all([
       S.getJSON(`/api/runs/${run.id}/generations`),
-      S.getJSON(`/api/runs/${run.id}/metrics?keys=${encodeURIComponent(KEY)}`),
+      S.getJSON(`/api/runs/${run.id}/metric-keys`),
     ]);
     run.answers = answers;
-    run.accuracy = accuracy;
+    // A run that has not scored an answer yet (or never will: a text dataset, an external run) has no such key.
+    run.accuracy = keys.custom.includes(KEY)
+      ? await S.getJSON(`/api/runs/${run.id}/metrics?keys=${encodeURIComponent(KEY)}`)
+      : null;
   }
 
   /** Every prompt any run answered (the runs of one dataset and seed share them), in order of first sight. */

@@ -51,7 +51,8 @@ def split_name(name: str) -> tuple[int | None, str, str]:
 def read_module_norms(conn: sqlite3.Connection, run_id: int) -> dict[str, Any]:
     """The tensors' names (split into layer, module and A/B) and, per recorded step, their norms."""
     names_json = conn.execute("SELECT lora_tensors FROM runs WHERE id = ?", (run_id,)).fetchone()
-    names: list[str] = json.loads(names_json[0]) if names_json and names_json[0] else []
+    # JSON null until the run's job has loaded its model (SQLAlchemy stores None in a JSON column as 'null')
+    names: list[str] = (json.loads(names_json[0]) if names_json and names_json[0] else None) or []
     steps, updates, params = [], [], []
     sql = "SELECT step, update_norms, param_norms FROM module_norms WHERE run_id = ? ORDER BY step"
     for step, u, p in conn.execute(sql, (run_id,)):

@@ -123,3 +123,15 @@ def test_probes_and_module_norms_as_json_and_csv(client: TestClient, sweep: Path
     assert modules["update_ratios"][i] == pytest.approx([u / w for u, w in zip(updates, weights, strict=True)])
     assert client.get("/api/runs/999/probes").status_code == 404
     assert client.get("/api/runs/999/modules").status_code == 404
+
+
+def test_a_run_that_has_not_started_has_an_empty_walk_and_no_map(client: TestClient) -> None:
+    queued = client.post("/api/runs", json={"model": "tiny-random-llama", "max_steps": 5})
+    assert queued.status_code == 201, queued.text
+    run_id = queued.json()["id"]
+    modules = client.get(f"/api/runs/{run_id}/modules")
+    assert modules.status_code == 200 and modules.json()["tensors"] == [] and modules.json()["steps"] == []
+    probes = client.get(f"/api/runs/{run_id}/probes")
+    assert probes.status_code == 200 and probes.json()["probes"] == [] and probes.json()["reading"] is None
+    refused = client.post("/api/maps", json={"run_ids": [run_id]})
+    assert refused.status_code == 409 and f"run {run_id} is queued" in refused.text

@@ -87,17 +87,12 @@ class Attacker:
 
 
 @pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
+def chromium(playwright: Any) -> Iterator[Any]:
     """Chromium that resolves evil.example to 127.0.0.1 (what a DNS rebinding achieves)."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); no browser is downloaded")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"]
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        yield browser
-        browser.close()
+    args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1"]
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+    yield browser
+    browser.close()
 
 
 class Guarded(NamedTuple):
