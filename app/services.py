@@ -314,10 +314,16 @@ def runs_filter(
 # --- loss maps (trainer.maps) ------------------------------------------------------------------------------
 
 
-def find_map(session: Session, run_ids: list[int], resolution: int) -> LossMap | None:
-    """The map of these runs at this resolution, made or being made (a failed one counts as none)."""
-    found = session.exec(select(LossMap).where(LossMap.key == map_key(run_ids, resolution))).first()
-    return found if found is not None and settle_if_gone(session, found).status != "failed" else None
+def find_map(session: Session, run_ids: list[int], resolution: int | None = None) -> LossMap | None:
+    """The map of these runs at this resolution (any, the newest, when None), made or being made (a failed one
+    counts as none)."""
+    if resolution is not None:
+        candidates = session.exec(select(LossMap).where(LossMap.key == map_key(run_ids, resolution))).all()
+    else:  # the key starts with the runs: `runs=1,2,3;resolution=21` (store.landscape.map_key)
+        prefix = map_key(run_ids, 0).split(";")[0] + ";"
+        query = select(LossMap).where(col(LossMap.key).startswith(prefix, autoescape=True))
+        candidates = session.exec(query.order_by(col(LossMap.id).desc())).all()
+    return next((m for m in candidates if settle_if_gone(session, m).status != "failed"), None)
 
 
 def request_map(session: Session, settings: Settings, run_ids: list[int], resolution: int) -> tuple[LossMap, bool]:

@@ -95,8 +95,9 @@ def _context(
 
 def map_context(session: Session, run_ids: list[int]) -> dict[str, Any]:
     """What a page's map section needs: the runs it would show, and the stored map of them if there is one."""
-    found = services.find_map(session, run_ids, DEFAULT_RESOLUTION) if run_ids else None
-    return {"run_ids": run_ids, "id": found.id if found else None, "resolution": DEFAULT_RESOLUTION}
+    found = services.find_map(session, run_ids) if run_ids else None
+    return {"run_ids": run_ids, "id": found.id if found else None,
+            "resolution": found.resolution if found else DEFAULT_RESOLUTION}  # fmt: skip
 
 
 @router.post("/maps", response_model=None)

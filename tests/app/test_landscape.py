@@ -80,6 +80,9 @@ def test_a_sweeps_map_has_one_path_per_run_from_the_shared_start(client: TestCli
     # asked again: the stored map, not a second job
     again = client.post("/api/maps", json={"run_ids": [3, 2, 1], "resolution": 7})
     assert again.status_code == 200 and again.json()["id"] == done["id"]
+    # and the compare page of those runs shows it (whatever its resolution), with no button to make it again
+    page = client.get("/compare?ids=1,2,3").text
+    assert f'data-map-id="{done["id"]}"' in page and "7×7 grid" in page
 
 
 def test_map_requests_are_checked(client: TestClient, sweep: Path) -> None:
