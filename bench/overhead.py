@@ -68,8 +68,11 @@ def main() -> None:
     data = home / "datasets" / "long.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(f'{{"text": "{" ".join(["step size matters"] * 60)} {i}"}}\n' for i in range(400)))
+    # Probes along steps are an analysis with their own cost (bench/landscape.py), not recording: off here. The
+    # per-tensor norms and weight snapshots are recorded like the step rows, so they stay on.
     cfg = make_config({"model": args.model, "dataset": "long.jsonl", "batch_size": args.batch_size,
-                       "max_seq_len": args.max_seq_len, "eval_every": 0, "learning_rate": 1e-4})  # fmt: skip
+                       "max_seq_len": args.max_seq_len, "eval_every": 0, "learning_rate": 1e-4,
+                       "probe_every": 0})  # fmt: skip
     s = setup(cfg, home)
     print(f"model {args.model} on {s.device} ({s.autocast_dtype or torch.float32}), batch {args.batch_size}x"
           f"{args.max_seq_len}, {s.plan['trainable_params']:,} trainable parameters")  # fmt: skip

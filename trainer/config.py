@@ -92,7 +92,7 @@ class TrainConfig(BaseModel):
     )
     # The walk down the mountain (trainer.landscape): what each step did, beyond its loss.
     probe_every: int = Field(
-        100,
+        200,  # a probe costs about 4 training steps of LoRA (bench/landscape.py): +2% of a run
         ge=0,
         le=10_000_000,
         description="At step 1 and every this many steps, evaluate the loss along the step just taken (a fixed "

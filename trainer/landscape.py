@@ -35,8 +35,9 @@ from trainer.config import TrainConfig
 from trainer.measure import _views
 
 PROBE_EXAMPLES = 8
-"""Held-out examples in the probe batch. Nine forwards of it cost about three training steps at batch 8 (a
-backward costs about two forwards), so probing every 100 steps adds about 3% (bench/landscape.py)."""
+"""Held-out examples in the probe batch. Nine forwards of it cost about four training steps at batch 8 (with
+LoRA a backward costs about one forward: the frozen weights get no gradient), so probing every 200 steps adds
+about 2% (bench/landscape.py measured 4.25 steps on the default model)."""
 
 
 _LORA_NAME = re.compile(r"(?:^|\.)((?:layers|h|blocks)\.\d+\..*?lora_[AB])(?:\.|$)")
