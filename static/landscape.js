@@ -7,6 +7,7 @@
   const SMALL_MULTIPLES = 12; // probes drawn as curves, spread over the run; the best-α line shows them all
   const COLUMNS = 4;
   const MAP_POLL_MS = 1000;
+  const STRIDE_RIGHT = [0.8, 1.6]; // best α read as "the stride fitted" (analysis/landscape.py STRIDE_RIGHT)
 
   // --- cross-sections of steps ---------------------------------------------------------------------
 
@@ -27,7 +28,7 @@
       xaxis: { title: { text: "step" } },
       yaxis: { title: { text: "best α" }, range: [Math.min(-1, ...best.filter((v) => v !== null)) - 0.1, 3.1] },
       shapes: [
-        { type: "rect", xref: "paper", x0: 0, x1: 1, y0: 0.7, y1: 1.4, fillcolor: "rgba(44,160,44,0.12)", line: { width: 0 } },
+        { type: "rect", xref: "paper", x0: 0, x1: 1, y0: STRIDE_RIGHT[0], y1: STRIDE_RIGHT[1], fillcolor: "rgba(44,160,44,0.12)", line: { width: 0 } },
         { type: "line", xref: "paper", x0: 0, x1: 1, y0: 1, y1: 1, line: { color: "#2ca02c", dash: "dash", width: 1 } },
       ],
       showlegend: false,
