@@ -89,6 +89,17 @@ def wait_for(check: Callable[[], Any], timeout: float = 90.0, what: str = "condi
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def until_done(client: Any, url: str, timeout: float = 180.0) -> dict[str, Any]:
+    """GET `url` (a background job's state: a loss map, a merge) until its `status` is completed or failed."""
+
+    def done() -> dict[str, Any] | None:
+        body: dict[str, Any] = client.get(url).json()
+        return body if body["status"] in ("completed", "failed") else None
+
+    result: dict[str, Any] = wait_for(done, timeout, what=f"{url} to finish")
+    return result
+
+
 def free_port() -> int:
     """A loopback port nobody listens on now."""
     with socket.socket() as sock:

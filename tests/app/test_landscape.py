@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,6 +14,7 @@ from fastapi.testclient import TestClient
 from analysis.landscape import read_stride
 from app.config import Settings
 from app.main import create_app
+from tests.conftest import until_done
 from tests.trainer.conftest import train
 
 RATES = ("0.0003", "0.003", "0.03")
@@ -42,20 +41,10 @@ def client(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]
     yield TestClient(app)
 
 
-def wait_for_map(client: TestClient, map_id: int, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = client.get(f"/api/maps/{map_id}").json()
-        if body["status"] in ("completed", "failed"):
-            return body
-        time.sleep(0.3)
-    raise AssertionError(f"map {map_id} not done in {timeout} s: {body}")
-
-
 def test_a_sweeps_map_has_one_path_per_run_from_the_shared_start(client: TestClient, sweep: Path) -> None:
     asked = client.post("/api/maps", json={"run_ids": [1, 2, 3], "resolution": 7})
     assert asked.status_code == 202, asked.text
-    done = wait_for_map(client, asked.json()["id"])
+    done = until_done(client, f"/api/maps/{asked.json()['id']}")
     assert done["status"] == "completed", done["error"]
     result = done["result"]
     assert [p["run_id"] for p in result["paths"]] == [1, 2, 3]

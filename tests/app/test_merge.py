@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from store.db import upgrade
+from tests.conftest import until_done
 from trainer.cli import main as train
 
 TINY = "tiny-random-llama"
@@ -51,14 +51,8 @@ def client(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
         yield client
 
 
-def wait_for_merge(client: TestClient, run_id: int, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = client.get(f"/api/runs/{run_id}/merge").json()
-        if body["status"] in ("completed", "failed"):
-            return body
-        time.sleep(0.3)
-    raise AssertionError(f"merge of run {run_id} not done in {timeout} s: {body}")
+def wait_for_merge(client: TestClient, run_id: int) -> dict[str, Any]:
+    return until_done(client, f"/api/runs/{run_id}/merge")
 
 
 def test_the_merged_model_gives_the_logits_of_the_base_model_with_the_adapter(

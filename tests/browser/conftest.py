@@ -7,6 +7,7 @@ are skipped with a message when it is missing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -81,6 +82,14 @@ def serve(home: Path, **settings: str) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+def api(server: Server, path: str, body: dict[str, Any] | None = None) -> Any:
+    """A JSON request to the server's API, as a script would send it (a POST when `body` is given)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{server.url}{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
 
 
 @pytest.fixture(scope="session")

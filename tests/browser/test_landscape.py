@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.browser.conftest import api
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:
@@ -15,13 +14,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.browser
 RATES = [1e-4, 1e-3, 1e-2]
-
-
-def api(server: Server, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{server.url}{path}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.loads(answer.read())
 
 
 def test_a_sweeps_map_and_a_runs_cross_sections(page: Page, server: Server) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.browser.conftest import api
 
 if TYPE_CHECKING:
     from tests.browser.conftest import Page, Server
@@ -15,13 +15,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.browser
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-arithmetic", "max_steps": 20, "name": "with a log"}
-
-
-def api(server: Server, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.loads(answer.read())
 
 
 def test_the_log_section_shows_the_job_s_log_when_opened(page: Page, server: Server) -> None:

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import io
-import json
-import urllib.request
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.browser.conftest import api
 from tests.conftest import wait_for
 
 if TYPE_CHECKING:
     from tests.browser.conftest import Page, Server
 
 pytestmark = pytest.mark.browser
-
-
-def api(server: Server, path: str, body: dict[str, Any] | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{server.url}{path}", data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        return json.loads(answer.read())
 
 
 def test_the_merge_button_ends_in_a_download_link(page: Page, server: Server) -> None:
