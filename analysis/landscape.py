@@ -52,32 +52,32 @@ def best_alpha(alphas: Sequence[float], losses: Sequence[float | None]) -> float
     return float(min(max(-b / (2 * a), x0), x2))
 
 
-def read_stride(alpha: float | None) -> str:
-    """One sentence on what a probe's best α says about the step's length."""
+def read_stride(alpha: float | None, steps: str = "this step") -> str:
+    """One sentence on what a probe's best α says about the step's length (`steps`: of which step or steps)."""
     if alpha is None:
-        return "The loss along this step was not finite."
+        return f"The loss along {steps} was not finite."
     if alpha <= 0:
         return (
-            f"The lowest point along this step was at {alpha:.2g} of it, behind where it started: "
+            f"The lowest point along {steps} was at {alpha:.2g} of it, behind where it started: "
             "on the probe batch the step went uphill."
         )
     low, high = STRIDE_RIGHT
     if alpha < low:
         return (
-            f"The lowest point along this step was at {alpha:.2g} of the step taken: "
+            f"The lowest point along {steps} was at {alpha:.2g} of the step taken: "
             f"the stride was {1 / alpha:.2g}x too long."
         )
     if alpha >= PROBE_ALPHAS[-1]:
         return (
-            f"The loss was still falling at {alpha:.2g} times this step, the farthest point probed: "
+            f"The loss was still falling at {alpha:.2g} times {steps}, the farthest point probed: "
             f"the stride was at least {alpha:.2g}x too short."
         )
     if alpha > high:
         return (
-            f"The lowest point along this step was at {alpha:.2g} of the step taken: "
+            f"The lowest point along {steps} was at {alpha:.2g} of the step taken: "
             f"a stride {alpha:.2g}x as long would have gone further down."
         )
-    return f"The lowest point along this step was at {alpha:.2g} of the step taken: the stride fitted."
+    return f"The lowest point along {steps} was at {alpha:.2g} of the step taken: the stride fitted."
 
 
 def typical_alpha(alphas: Sequence[float | None]) -> float | None:

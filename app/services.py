@@ -22,7 +22,7 @@ from analysis.sweeps import summarize_sweep
 from app.config import Settings
 from app.runner.maps import settle_if_gone, start_map
 from app.runner.merges import merge_state, start_merge
-from store.landscape import SNAPSHOTS_FILE, map_key
+from store.landscape import SNAPSHOTS_FILE, map_key, map_runs
 from store.merges import has_adapter
 from store.tables import (
     FINISHED,
@@ -319,9 +319,8 @@ def find_map(session: Session, run_ids: list[int], resolution: int | None = None
     counts as none)."""
     if resolution is not None:
         candidates = session.exec(select(LossMap).where(LossMap.key == map_key(run_ids, resolution))).all()
-    else:  # the key starts with the runs: `runs=1,2,3;resolution=21` (store.landscape.map_key)
-        prefix = map_key(run_ids, 0).split(";")[0] + ";"
-        query = select(LossMap).where(col(LossMap.key).startswith(prefix, autoescape=True))
+    else:  # any resolution: the key starts with the runs (store.landscape.map_key)
+        query = select(LossMap).where(col(LossMap.key).startswith(map_runs(run_ids), autoescape=True))
         candidates = session.exec(query.order_by(col(LossMap.id).desc())).all()
     return next((m for m in candidates if settle_if_gone(session, m).status != "failed"), None)
 

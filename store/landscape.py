@@ -75,9 +75,14 @@ def read_module_norms(conn: sqlite3.Connection, run_id: int) -> dict[str, Any]:
     }
 
 
+def map_runs(run_ids: list[int]) -> str:
+    """The part of a map's key that names its runs (in any order): `runs=1,2,3;`."""
+    return f"runs={','.join(str(r) for r in sorted(set(run_ids)))};"
+
+
 def map_key(run_ids: list[int], resolution: int) -> str:
     """What a map is made of: asking for the same runs at the same resolution finds the stored one."""
-    return f"runs={','.join(str(r) for r in sorted(set(run_ids)))};resolution={resolution}"
+    return f"{map_runs(run_ids)}resolution={resolution}"
 
 
 def update_map(conn: sqlite3.Connection, map_id: int, **fields: Any) -> None:

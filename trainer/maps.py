@@ -101,10 +101,10 @@ def make_map(home: Path, conn: sqlite3.Connection, map_id: int, run_ids: list[in
     # Orientation: the first run ends with both coordinates positive, so the same runs always look the same.
     end = blocks[0][-1] @ dirs.T
     dirs = dirs * torch.where(end < 0, -1.0, 1.0)[:, None]
-    for path, block in zip(paths, blocks, strict=True):
-        coords = block @ dirs.T
-        path["x"], path["y"] = coords[:, 0].tolist(), coords[:, 1].tolist()
-    xs, ys = grid_axes(torch.cat(blocks).matmul(dirs.T).numpy(), resolution)
+    coords = [block @ dirs.T for block in blocks]  # each path in the plane's coordinates, projected once
+    for path, xy in zip(paths, coords, strict=True):
+        path["x"], path["y"] = xy[:, 0].tolist(), xy[:, 1].tolist()
+    xs, ys = grid_axes(torch.cat(coords).numpy(), resolution)
 
     cfg = TrainConfig.model_validate(runs[0]["config"])
     device = pick_device(cfg)

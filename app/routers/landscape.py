@@ -75,7 +75,7 @@ def run_probes(run_id: RunId, session: SessionDep, db: DbDep) -> ProbesPublic:
             for r in rows
         ],  # fmt: skip
         typical_alpha=typical,
-        reading=read_stride(typical).replace("this step", "its steps") if rows else None,
+        reading=read_stride(typical, steps="its steps") if rows else None,
     )
 
 
