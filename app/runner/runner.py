@@ -160,11 +160,12 @@ class JobRunner:
                 for run in session.exec(select(Run).where(col(Run.status).in_([RunStatus.queued, RunStatus.running])))
             }
         try:
-            for watched, handle in list(self.jobs.items()):
-                self._watch(watched, handle, active.get(watched))
+            # A run whose attempt ended just now is left alone for the rest of this poll: `active` was read
+            # before its end was settled, and a user may have resumed it since (then it is queued again).
+            ended = {run_id for run_id, h in list(self.jobs.items()) if self._watch(run_id, h, active.get(run_id))}
             for run_id, run in active.items():
                 assert run_id is not None
-                if run_id in self.jobs:
+                if run_id in self.jobs or run_id in ended:
                     continue
                 if run.kind == EXTERNAL:
                     settle_if_silent(self.engine, run)
@@ -185,15 +186,17 @@ class JobRunner:
         except ClusterUnreachable as exc:  # queued runs wait; running ones are looked at again next poll
             log.warning("job runner: %s", exc)
 
-    def _watch(self, run_id: int, handle: Handle, run: Run | None) -> None:
+    def _watch(self, run_id: int, handle: Handle, run: Run | None) -> bool:
+        """Look at one attempt (stop it if asked, settle its run if it ended); whether it ended."""
         state = self.executor.poll(handle)
         if state.ended:
             self.jobs.pop(run_id, None)
             self._kill_at.pop(run_id, None)
             self._settle(run_id, state.interrupted, state.reason)
-        elif run is None:  # deleted or finished while the job lingers (it is saving): nothing to do
-            return
-        elif run_id in self._kill_at:
+            return True
+        if run is None:  # deleted or finished while the job lingers (it is saving): nothing to do
+            return False
+        if run_id in self._kill_at:
             if time.monotonic() >= self._kill_at[run_id]:
                 log.info(
                     "run %d: still going %.0f s after its stop, killing it", run_id, self.settings.cancel_grace_seconds
@@ -204,6 +207,7 @@ class JobRunner:
             log.info("run %d: cancel requested, stopping its job", run_id)
             self.executor.stop(handle, "cancel")
             self._kill_at[run_id] = time.monotonic() + self.settings.cancel_grace_seconds
+        return False
 
     def _reattach(self, run: Run) -> None:
         """A run that no attempt of this server's watches: watch its attempt again if the executor still knows

@@ -20,7 +20,7 @@ from sqlmodel import Session
 from app.config import Settings
 from app.main import create_app
 from app.runner import JobRunner
-from app.services import cancel_run, create_run
+from app.services import cancel_run, create_run, resume_run
 from store.db import make_engine
 from store.processes import process_start_time
 from store.tables import Run, RunStatus
@@ -224,6 +224,38 @@ def test_a_job_that_ignores_sigterm_is_killed_and_ends_cancelled(fake: tuple[Eng
     wait_for(lambda: read_run(engine, run_id).status == RunStatus.cancelled, 20, "SIGKILL after the grace period")
     assert pid is not None and not Path(f"/proc/{pid}").exists()
     assert not runner.jobs
+
+
+def test_a_run_resumed_as_soon_as_its_job_ended_is_started_again_not_settled_twice(
+    fake: tuple[Engine, Callable[..., JobRunner]],
+) -> None:
+    """The poll that sees a job's end read the runs before settling it: a resume landing right after the settle
+    (a user quick on the button) must not be taken for a run nobody watches and be ended again."""
+    engine, make = fake
+    run_id = add_run(engine)
+    runner = make("sleep")  # polled by hand below: no thread, so the resume can land inside one poll
+    runner.tick()
+    wait_for(lambda: read_run(engine, run_id).status == RunStatus.running, 20, "the job to start")
+    pid = read_run(engine, run_id).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: runner.executor.poll(runner.jobs[run_id]).ended, 20, "the job to die")
+    settle = runner._settle
+
+    def settle_then_resume(settled: int, interrupted: bool, reason: str) -> None:
+        settle(settled, interrupted, reason)
+        runner._settle = settle  # type: ignore[method-assign]
+        with Session(engine) as session:
+            assert resume_run(session, settled).status == RunStatus.queued
+
+    runner._settle = settle_then_resume  # type: ignore[method-assign]
+    runner.tick()
+    run = read_run(engine, run_id)
+    assert run.status == RunStatus.queued and run.error is None, run.error
+    runner.tick()
+    wait_for(lambda: read_run(engine, run_id).status == RunStatus.running, 20, "the second attempt to start")
+    assert read_run(engine, run_id).pid not in (None, pid)
+    os.kill(read_run(engine, run_id).pid or 0, signal.SIGKILL)
 
 
 def test_queued_runs_start_oldest_first_on_free_gpus(
