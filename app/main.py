@@ -29,6 +29,7 @@ from app.routers import (
     merge,
     metrics,
     models,
+    run_files,
     runs,
     sweeps,
     trackio,
@@ -135,7 +136,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool = True) -> Fa
         int(settings.generate_memory_mb * 2**20), settings.model_cache_dir, settings.generate_threads
     )
     for module in (runs, ingest, generations, generate, sweeps, lr_range, metrics, landscape, datasets, models, health,
-                   trackio, merge):  # fmt: skip
+                   trackio, merge, run_files):  # fmt: skip
         app.include_router(module.router)
     if importlib.util.find_spec("app.pages") is not None:
         from app import pages

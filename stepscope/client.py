@@ -35,6 +35,8 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 SEND_SECONDS = 1.0
 MAX_ROWS_PER_REQUEST = 5000
 REQUEST_TIMEOUT = 10.0
+FILE_TIMEOUT = 300.0
+"""A run's file (a checkpoint, the map's snapshots: tens of MB) may take a while over a slow link."""
 NON_FINITE_ALLOWED = {"loss", "grad_norm", "eval_loss"}
 """Values the server stores even when non-finite (a diverging run); any other non-finite value is sent as null."""
 INTEGER_KEYS = {"samples", "tokens", "skipped"}
@@ -128,9 +130,24 @@ class _Transport:
         """The answer's JSON (None when empty); _Unreachable to retry later; ValueError when refused (4xx)."""
         data = json.dumps(body or {}).encode()
         request = urllib.request.Request(self.server + path, data=data, headers=self.headers, method="POST")
+        text = self._open(request, path, REQUEST_TIMEOUT)
+        return json.loads(text) if text else None
+
+    def put_file(self, path: str, data: bytes) -> None:
+        """Upload raw bytes (a run's file, trainer.http_recorder); the same errors as `post`."""
+        headers = self.headers | {"Content-Type": "application/octet-stream"}
+        request = urllib.request.Request(self.server + path, data=data, headers=headers, method="PUT")
+        self._open(request, path, FILE_TIMEOUT)
+
+    def get_bytes(self, path: str) -> bytes:
+        """The body of a GET (a run's file or its list); the same errors as `post`."""
+        return self._open(urllib.request.Request(self.server + path, headers=self.headers), path, FILE_TIMEOUT)
+
+    def _open(self, request: urllib.request.Request, path: str, timeout: float) -> bytes:
         try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as answer:
-                text = answer.read()
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                body: bytes = answer.read()
+                return body
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode(errors="replace")
             if exc.code >= 500 or exc.code == 429:
@@ -138,7 +155,6 @@ class _Transport:
             raise ValueError(f"the server refused {path} ({exc.code}): {detail}") from None
         except (OSError, TimeoutError) as exc:  # URLError is an OSError: refused, reset, timed out
             raise _Unreachable(str(exc)) from None
-        return json.loads(text) if text else None
 
 
 def _send(transport: _Transport, run_id: int | None, record: dict[str, Any]) -> int | None:

@@ -48,3 +48,36 @@ class DataSettings(BaseSettings):
         if not database:
             raise ValueError("STEPSCOPE_DATABASE_URL must name an SQLite file")
         return Path(database)
+
+
+HOME_ID_FILE = "server-id"
+"""A random name for a data directory, written by the server that uses it: a job elsewhere (a Ray worker)
+that finds the same name in its STEPSCOPE_HOME shares the server's files (one machine, or a shared
+filesystem); one that does not sends its files to the server over HTTP."""
+
+
+def home_id(home: Path) -> str:
+    """The data directory's name, made (atomically) the first time it is asked for."""
+    path = home / HOME_ID_FILE
+    if not path.exists():
+        import os
+        import secrets
+
+        home.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{HOME_ID_FILE}.{os.getpid()}")
+        part.write_text(secrets.token_hex(16))
+        try:
+            os.link(part, path)  # never replaces one another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            part.unlink()
+    return path.read_text().strip()
+
+
+def shares_home(home: Path, server_id: str | None) -> bool:
+    """Whether `home` is the data directory of the server whose home_id is `server_id`."""
+    try:
+        return server_id is not None and (home / HOME_ID_FILE).read_text().strip() == server_id
+    except OSError:
+        return False

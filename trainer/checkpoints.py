@@ -17,15 +17,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 CHECKPOINT_SECONDS = 600.0  # 10 minutes: a slow run's checkpoints are never further apart
 CHECKPOINT_KEEP = 2
+CHECKPOINT_FOLDER = "checkpoints"
 PREFIX = "step-"
+STATE_FILE = "state.pt"
 
 
 @dataclass
@@ -39,23 +40,31 @@ class Resumed:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINT_FOLDER
 
 
 def latest(run_dir: Path) -> Path | None:
     """The newest whole checkpoint of a run, or None."""
     folder = checkpoint_dir(run_dir)
-    found = sorted(folder.glob(f"{PREFIX}*/state.pt")) if folder.is_dir() else []
+    found = sorted(folder.glob(f"{PREFIX}*/{STATE_FILE}")) if folder.is_dir() else []
     return found[-1].parent if found else None
 
 
 def save(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write `state` (with its `step`) as the run's newest checkpoint, atomically; drop the oldest beyond KEEP."""
+    import torch  # here, not above: the server places checkpoints that came over HTTP without loading torch
+
+    return place(run_dir, state["step"], lambda path: torch.save(state, path))
+
+
+def place(run_dir: Path, step: int, write: Callable[[Path], object]) -> Path:
+    """Put the checkpoint of `step` in place, atomically: `write` writes its state file (a new one, or one that
+    came over HTTP: app.routers.run_files); the oldest beyond KEEP are dropped."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{PREFIX}{state['step']:09d}"
+    target = folder / f"{PREFIX}{step:09d}"
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".saving-"))
-    torch.save(state, staging / "state.pt")
+    write(staging / STATE_FILE)
     if target.exists():
         shutil.rmtree(target)
     os.rename(staging, target)
@@ -64,6 +73,13 @@ def save(run_dir: Path, state: dict[str, Any]) -> Path:
     return target
 
 
+def relative(path: Path, run_dir: Path) -> str:
+    """A checkpoint's state file as a path inside its run's folder (how a job names it to the server)."""
+    return (path / STATE_FILE).relative_to(run_dir).as_posix()
+
+
 def load(path: Path) -> dict[str, Any]:
-    state: dict[str, Any] = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    import torch
+
+    state: dict[str, Any] = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import typing
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from store.db import upgrade
-from store.settings import DataSettings
+from store.settings import DataSettings, shares_home
 from trainer.config import ConfigError, TrainConfig, field_help, load_config_file, make_config
+
+log = logging.getLogger(__name__)
 
 EXIT_CODES = {"completed": 0, "failed": 1, "diverged": 2, "cancelled": 3, "interrupted": 4}
 
@@ -169,7 +172,23 @@ def _run_remote(parser: argparse.ArgumentParser, args: argparse.Namespace, setti
         cfg = make_config(values)
     except ConfigError as exc:
         parser.error(f"{exc.field}: {exc.reason}")
-    return _train(cfg, args.run_id, settings, HttpRecorder(args.server, args.run_id, getattr(args, "token", None)))
+    settings, shared = job_home(settings)
+    if not shared:
+        log.info("run %d: %s is not the server's data directory: the run's files go to the server", args.run_id,
+                 settings.home)  # fmt: skip
+    recorder = HttpRecorder(args.server, args.run_id, getattr(args, "token", None), send_files=not shared)
+    return _train(cfg, args.run_id, settings, recorder)
+
+
+def job_home(settings: DataSettings) -> tuple[DataSettings, bool]:
+    """Where a job recording over HTTP keeps its files (its model cache, its run's folder), and whether that is
+    the server's data directory: STEPSCOPE_JOB_HOME if the node sets one (a local scratch disk), else
+    STEPSCOPE_HOME (the server's path, from the job's submission). Shared when the folder there carries the
+    server's name (STEPSCOPE_SERVER_ID): one machine, or a shared filesystem."""
+    own = os.environ.get("STEPSCOPE_JOB_HOME")
+    if own:
+        settings = settings.model_copy(update={"home": Path(own).expanduser().resolve()})
+    return settings, shares_home(settings.home, os.environ.get("STEPSCOPE_SERVER_ID"))
 
 
 def _train(cfg: TrainConfig, run_id: int, settings: DataSettings, recorder: Any, progress: Any = None) -> int:

@@ -12,22 +12,28 @@ whose answer was lost and that is sent again is recorded once.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import queue
 import threading
 import time
 from datetime import datetime
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from stepscope.client import MAX_ROWS_PER_REQUEST, NON_FINITE_ALLOWED, _Transport, _Unreachable
 from store.generations import GenerationRow
-from store.landscape import ModuleRow, ProbeRow
+from store.landscape import SNAPSHOTS_FILE, ModuleRow, ProbeRow
 from store.scalars import ScalarRow
 from store.tables import STEP_COLUMNS
+from trainer import checkpoints
 from trainer.recorder import _CLOSE, QueuedRecorder
 
 ANSWER_FIELDS = ("prompt_index", "prompt", "expected", "output", "exact", "overlap")  # a GenerationRow after its step
+log = logging.getLogger(__name__)
+
 RETRY_SECONDS = 0.5
 CLOSE_WAIT_SECONDS = 120.0
 """How long `close` keeps trying to reach a server that is down before the rows are given up."""
@@ -66,10 +72,15 @@ def _value(name: str, value: Any) -> Any:
 
 
 class HttpRecorder(QueuedRecorder):
-    """Queue rows from the training loop; one thread posts them to the server. `close()` drains and joins."""
+    """Queue rows from the training loop; one thread posts them to the server. `close()` drains and joins.
 
-    def __init__(self, server: str, run_id: int, token: str | None = None) -> None:
+    `send_files`: the job's run folder is not the server's (a node without the server's data directory), so
+    the files the server reads (adapter, checkpoints, snapshots) go to it too, in order with the rows
+    (`PUT /api/runs/{id}/files/...`, app.routers.run_files), and a resumed run fetches its checkpoint."""
+
+    def __init__(self, server: str, run_id: int, token: str | None = None, send_files: bool = False) -> None:
         self.server = server
+        self.send_files = send_files
         self._transport = _Transport(server, token)
         super().__init__(run_id, "stepscope-http-recorder")
 
@@ -96,11 +107,45 @@ class HttpRecorder(QueuedRecorder):
             self._queue.put(("module-norms", rows))
         if scalars:
             self._queue.put(("steps", [{"step": step, key: _value(key, v)} for key, step, v in scalars]))
+
     def generations(self, step: int, rows: list[GenerationRow], metrics: dict[str, float]) -> None:
         """An eval step's answers and their scores (POST /api/runs/{id}/generations)."""
         if rows or metrics:
             answers = [dict(zip(ANSWER_FIELDS, row[1:], strict=True)) for row in rows]
             self._queue.put(("generations", [{"step": step, "answers": answers, "metrics": metrics}]))
+
+    def files(self, run_dir: Path, paths: list[str]) -> None:
+        if self.send_files and paths:
+            self._queue.put(("files", [(run_dir, path) for path in paths]))
+
+    def fetch_checkpoint(self, run_dir: Path) -> None:
+        if not self.send_files:
+            return
+        listed = json.loads(self._get(f"/api/runs/{self.run_id}/files"))["files"]
+        names = [f["path"] for f in listed]
+        newest = max((n for n in names if n.startswith(f"{checkpoints.CHECKPOINT_FOLDER}/")), default=None)
+        here = checkpoints.latest(run_dir)
+        if newest is None or (here is not None and checkpoints.relative(here, run_dir) >= newest):
+            return  # the step is zero-padded: the names sort as the steps do
+        data = self._get(f"/api/runs/{self.run_id}/files/{newest}")
+        step = int(Path(newest).parent.name.removeprefix(checkpoints.PREFIX))
+        checkpoints.place(run_dir, step, lambda target: target.write_bytes(data))
+        if SNAPSHOTS_FILE in names:  # the map's snapshots up to the checkpoint (trainer.landscape reads them back)
+            part = run_dir / f".{SNAPSHOTS_FILE}.part"
+            part.write_bytes(self._get(f"/api/runs/{self.run_id}/files/{SNAPSHOTS_FILE}"))
+            os.replace(part, run_dir / SNAPSHOTS_FILE)
+        log.info("run %d: fetched checkpoint %s from the server", self.run_id, newest)
+
+    def _get(self, path: str) -> bytes:
+        """A GET of the server's, retried while it cannot be reached (up to CLOSE_WAIT_SECONDS)."""
+        give_up = time.monotonic() + CLOSE_WAIT_SECONDS
+        while True:
+            try:
+                return self._transport.get_bytes(path)
+            except _Unreachable:
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(RETRY_SECONDS)
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""
@@ -171,8 +216,24 @@ class HttpRecorder(QueuedRecorder):
     def _post(self, op: str, body: Any) -> None:
         if op == "job":
             self._transport.post(f"/api/runs/{self.run_id}/job", {"fields": body})
+        elif op == "files":
+            for run_dir, path in body:
+                self._send_file(run_dir, path)
         else:
             self._transport.post(f"/api/runs/{self.run_id}/{op}", {"rows": body})
+
+    def _send_file(self, run_dir: Path, path: str) -> None:
+        try:
+            data = (run_dir / path).read_bytes()
+        except FileNotFoundError:
+            return  # an old checkpoint dropped before it could be sent: a newer one is on its way
+        try:
+            self._transport.put_file(f"/api/runs/{self.run_id}/files/{path}", data)
+        except ValueError as exc:
+            if "(413)" not in str(exc):
+                raise
+            # Over the server's STEPSCOPE_MAX_UPLOAD_BYTES: the rows matter more than this file; say so, go on.
+            log.warning("run %d: the server refused %s (%d bytes) as too large", self.run_id, path, len(data))
 
 
 def _coalesce(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

@@ -29,6 +29,7 @@ from transformers import get_scheduler
 from analysis.range_test import RangeTestStop, lr_range_suggestions
 from analysis.runs import DIVERGED_LOSS_FACTOR, diverged_loss, summarize_run
 from analysis.smoothing import DebiasedEma
+from store.landscape import SNAPSHOTS_FILE
 from store.processes import process_start_time
 from store.tables import STEP_COLUMNS, RunStatus, utcnow
 from trainer import checkpoints
@@ -606,7 +607,8 @@ def fit(
             assert run_dir is not None
             recorder.flush()
             s.walk.save(run_dir)
-            checkpoints.save(run_dir, _state(s, scaler, step, samples, tokens, time.perf_counter() - start))
+            saved = checkpoints.save(run_dir, _state(s, scaler, step, samples, tokens, time.perf_counter() - start))
+            recorder.files(run_dir, [*_walk_files(run_dir), checkpoints.relative(saved, run_dir)])
             last_checkpoint = time.monotonic()
         if stop.requested:
             return Outcome(stop.outcome, step)
@@ -698,6 +700,17 @@ def save_adapter(s: Setup, run_dir: Path) -> Path:
     return target
 
 
+def _adapter_files(adapter: Path | None, run_dir: Path) -> list[str]:
+    if adapter is None:
+        return []
+    return [p.relative_to(run_dir).as_posix() for p in sorted(adapter.iterdir()) if p.is_file()]
+
+
+def _walk_files(run_dir: Path) -> list[str]:
+    """The map's snapshots, where the run keeps them."""
+    return [SNAPSHOTS_FILE] if (run_dir / SNAPSHOTS_FILE).exists() else []
+
+
 # --- a whole run ---------------------------------------------------------------------------------------
 
 
@@ -722,6 +735,7 @@ def train(
         if progress is not None:
             progress.reset(total=s.total_steps)
         run_dir = home / "runs" / str(run_id)
+        recorder.fetch_checkpoint(run_dir)
         found = checkpoints.latest(run_dir)
         resume = checkpoints.load(found) if found is not None else None
         history = _recorded(recorder, run_id, resume["step"]) if resume else History()
@@ -730,9 +744,9 @@ def train(
         if progress is not None and resume is not None:
             progress.update(resume["step"])
         outcome = fit(s, recorder, stop, progress, history, run_dir=run_dir, resume=resume)
-        if outcome.status != "diverged":
-            save_adapter(s, run_dir)
+        adapter = save_adapter(s, run_dir) if outcome.status != "diverged" else None
         s.walk.save(run_dir)
+        recorder.files(run_dir, [*_adapter_files(adapter, run_dir), *_walk_files(run_dir)])
         summary = history.summary(outcome.status, cfg.kind)
         if outcome.error:  # the trainer saw what went wrong; the stored rows hold no NaN to show it
             summary["reason"] = f"The run diverged: {outcome.error}."

@@ -110,6 +110,14 @@ class QueuedRecorder:
         if self.error is not None:
             raise RuntimeError(f"recording failed: {self.error}") from self.error
 
+    def files(self, run_dir: Path, paths: list[str]) -> None:
+        """The loop saved these files of the run (paths inside `run_dir`): a recorder whose run's folder is not
+        the server's sends them (trainer.http_recorder); this one writes into the server's, so it has none."""
+
+    def fetch_checkpoint(self, run_dir: Path) -> None:
+        """Bring the run's newest checkpoint into `run_dir` from the server, if it has a newer one than here
+        (a run resumed on another node); nothing to do where the run's folder is the server's."""
+
 
 class Recorder(QueuedRecorder):
     """Queue rows from the training loop; one thread writes them. `close()` drains and joins."""
@@ -138,6 +146,7 @@ class Recorder(QueuedRecorder):
             self._queue.put((MODULE_INSERT, module_values(self.run_id, modules)))
         if scalars:
             self._queue.put((SCALAR_INSERT, [(self.run_id, *row) for row in scalars]))
+
     def generations(self, step: int, rows: list[GenerationRow], metrics: dict[str, float]) -> None:
         """An eval step's answers to the held-out prompts, and their scores as the run's scalars at that step."""
         if rows:

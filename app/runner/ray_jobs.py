@@ -32,6 +32,7 @@ from app.runner.executor import (
     StopWhy,
     last_lines,
 )
+from store.settings import home_id
 from store.tables import Run
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,10 @@ class RayExecutor:
 
     def _env(self) -> dict[str, str]:
         env = {
-            "STEPSCOPE_HOME": str(self.settings.home),  # checkpoints and adapters (the server's own on one node)
+            # The server's data directory: the job's too where the node sees it (its name, STEPSCOPE_SERVER_ID, is
+            # there: one machine, a shared filesystem); elsewhere the job sends its files over HTTP.
+            "STEPSCOPE_HOME": str(self.settings.home),
+            "STEPSCOPE_SERVER_ID": home_id(self.settings.home),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
             # A cancel is SIGTERM: the trainer finishes its step, records and exits; Ray kills it after this.

@@ -5,82 +5,22 @@ log is its Ray job's."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sqlite3
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from store.db import make_engine, upgrade
 from tests.browser.conftest import Server, serve
 from tests.conftest import free_port, wait_for
-from tests.ray.conftest import serve_on
+from tests.ray.conftest import call, ended, finished_job, pid_of, ray_jobs, run, serve_on, steps
 
 pytestmark = pytest.mark.ray
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-lookup", "eval_every": 25, "checkpoint_every": 0}
 LONG = TINY | {"max_steps": 5000}
-
-
-def call(server: Server, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        server.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def run(server: Server, run_id: int) -> dict[str, Any]:
-    status, body = call(server, "GET", f"/api/runs/{run_id}")
-    assert status == 200, body
-    return dict(body)
-
-
-def steps(db: Path, run_id: int) -> list[int]:
-    with sqlite3.connect(db, timeout=30) as conn:
-        return [r[0] for r in conn.execute("SELECT step FROM step_metrics WHERE run_id = ? ORDER BY step", (run_id,))]
-
-
-def pid_of(db: Path, run_id: int) -> int | None:
-    with sqlite3.connect(db, timeout=30) as conn:
-        pid: int | None = conn.execute("SELECT pid FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-        return pid
-
-
-def ray_jobs(server: Server, ray_address: str, run_id: int) -> list[Any]:
-    """The run's jobs on the cluster (the cluster is shared by the tests: each server's run 1 is another run)."""
-    from ray.job_submission import JobSubmissionClient
-
-    jobs = JobSubmissionClient(ray_address).list_jobs()
-    return [j for j in jobs if j.entrypoint.endswith(f"--run-id {run_id} --server {server.url}")]
-
-
-def finished_job(server: Server, ray_address: str, run_id: int) -> Any:
-    """The run's only Ray job, once it ended (its process exits a moment after the run records its end)."""
-
-    def one_ended() -> Any:
-        (job,) = ray_jobs(server, ray_address, run_id)
-        return job if job.status.is_terminal() else None
-
-    return wait_for(one_ended, timeout=60, what=f"run {run_id}'s Ray job to end")
-
-
-def ended(server: Server, run_id: int, timeout: float = 150) -> dict[str, Any]:
-    return wait_for(
-        lambda: (r := run(server, run_id))["status"] not in ("queued", "running") and r,
-        timeout=timeout,
-        what=f"run {run_id} to end",
-    )
 
 
 @pytest.fixture(scope="module")
