@@ -8,8 +8,9 @@ cost against the direct SQLite writer.
    through `trainer.recorder.Recorder` (SQLite) and `trainer.http_recorder.HttpRecorder` (into a real
    server on loopback), timed until the last row is stored: rows per second and the ratio.
 3. A whole run: the tiny model's --steps steps recorded directly (`python -m trainer --run-id N`) and over
-   HTTP (`--server URL`), --repeats pairs in alternating order: the median wall time of the last step, and
-   the ratio. On a loaded machine (shared cores) read the spread printed next to it.
+   HTTP (`--server URL`), and over HTTP from a node of its own (STEPSCOPE_JOB_HOME: it also sends the
+   adapter and snapshots), --repeats rounds in turning order: the median wall time of the last step, and
+   the ratios. On a loaded machine (shared cores) read the spread printed next to it.
 
     .venv/bin/python bench/ray_jobs.py                 # writes bench/results/ray-cpu.txt
 """
@@ -35,6 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from store.settings import home_id  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 TINY = {"model": "tiny-random-llama", "dataset": "synthetic-lookup", "checkpoint_every": 0}
@@ -192,25 +194,34 @@ def main() -> None:
         home = root / "rec"
         home.mkdir()
         pairs = args.repeats
-        ids = queued_runs(home, [TINY | {"max_steps": 1}] * 2 + [TINY | {"max_steps": args.steps}] * (2 * pairs))
+        ids = queued_runs(home, [TINY | {"max_steps": 1}] * 2 + [TINY | {"max_steps": args.steps}] * (3 * pairs))
         db = home / "stepscope.db"
         with server(home, executor="ray", ray_address=f"http://127.0.0.1:{free_port()}") as url:
             direct, http = recorder_rates(url, db, (ids[0], ids[1]), args.rows)
             lines.append(f"recorder, {args.rows} rows: direct SQLite {direct:,.0f} rows/s, HTTP {http:,.0f} rows/s"
                          f"  (HTTP/direct throughput {http / direct:.3f})")  # fmt: skip
-            env = os.environ | {"STEPSCOPE_HOME": str(home)}
-            walls: dict[str, list[float]] = {"direct": [], "http": []}
-            for i in range(pairs):  # alternating (direct, HTTP), (HTTP, direct), ...: drift hits both alike
-                order = [("direct", []), ("http", ["--server", url])]
-                for j, (kind, extra) in enumerate(order if i % 2 == 0 else order[::-1]):
-                    run_id = ids[2 + 2 * i + j]
+            shared = {"STEPSCOPE_HOME": str(home), "STEPSCOPE_SERVER_ID": home_id(home)}  # a job on the server's node
+            own = shared | {"STEPSCOPE_JOB_HOME": str(root / "node")}  # a node of its own: it sends its files too
+            http = ["--server", url]
+            kinds = [("direct", [], shared), ("http", http, shared), ("http+files", http, own)]
+            walls: dict[str, list[float]] = {kind: [] for kind, _, _ in kinds}
+            whole: dict[str, list[float]] = {kind: [] for kind, _, _ in kinds}  # the process, start to exit
+            for i in range(pairs):  # the order turns each round: drift hits all alike
+                for j, (kind, extra, env) in enumerate(kinds[i % 3 :] + kinds[: i % 3]):
+                    run_id = ids[2 + 3 * i + j]
+                    started = time.perf_counter()
                     subprocess.run([sys.executable, "-m", "trainer", "--run-id", str(run_id), *extra], cwd=REPO,
-                                   env=env, check=True, capture_output=True)  # fmt: skip
+                                   env=os.environ | env, check=True, capture_output=True)  # fmt: skip
+                    whole[kind].append(time.perf_counter() - started)
                     walls[kind].append(last_step_wall(db, run_id))
-            d, h = statistics.median(walls["direct"]), statistics.median(walls["http"])
-            spread = f"direct {[round(w, 2) for w in walls['direct']]}, HTTP {[round(w, 2) for w in walls['http']]}"
-            lines.append(f"tiny run, {args.steps} steps, median of {pairs}: direct {d:.2f} s, HTTP {h:.2f} s"
-                         f"  (HTTP/direct wall time {h / d:.3f}; {spread})")  # fmt: skip
+            d, h, f = (statistics.median(walls[kind]) for kind, _, _ in kinds)
+            spread = ", ".join(f"{kind} {[round(w, 2) for w in walls[kind]]}" for kind, _, _ in kinds)
+            lines.append(f"tiny run, {args.steps} steps, median of {pairs}: direct {d:.2f} s, HTTP {h:.2f} s, "
+                         f"HTTP sending its files {f:.2f} s  (HTTP/direct wall time {h / d:.3f}, with files "
+                         f"{f / d:.3f}; {spread})")  # fmt: skip
+            d, h, f = (statistics.median(whole[kind]) for kind, _, _ in kinds)
+            lines.append(f"  their processes, start to exit (loading, files sent at the end): direct {d:.2f} s, "
+                         f"HTTP {h:.2f} s, with files {f:.2f} s  (ratios {h / d:.3f}, {f / d:.3f})")  # fmt: skip
     lines.append("load average (1, 5, 15 min): " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     print("\n".join(lines))
     args.out.write_text("\n".join(lines) + "\n")

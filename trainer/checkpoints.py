@@ -81,5 +81,7 @@ def relative(path: Path, run_dir: Path) -> str:
 def load(path: Path) -> dict[str, Any]:
     import torch
 
-    state: dict[str, Any] = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    # Tensors, numbers and dicts only, no pickled objects: a checkpoint may have come over HTTP (a job on another
+    # node sends its own, app.routers.run_files), and unpickling one would run whatever code it names.
+    state: dict[str, Any] = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     return state

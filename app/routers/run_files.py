@@ -30,8 +30,8 @@ from trainer import checkpoints
 router = APIRouter(prefix="/api/runs", tags=["run files"], dependencies=[TokenDep])
 
 CHECKPOINT = re.compile(rf"{checkpoints.CHECKPOINT_FOLDER}/{checkpoints.PREFIX}(\d{{9}})/{checkpoints.STATE_FILE}")
-ADAPTER = re.compile(r"adapter/[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-"""peft's `save_pretrained` files (adapter_config.json, adapter_model.safetensors, README.md)."""
+ADAPTER = re.compile(r"adapter/(adapter_config\.json|adapter_model\.safetensors|README\.md)")
+"""What peft's `save_pretrained` writes, and nothing else: no `adapter_model.bin`, which loading would unpickle."""
 PLACES = (CHECKPOINT, ADAPTER, re.compile(re.escape(SNAPSHOTS_FILE)))
 CHUNK = 1 << 20
 
@@ -57,7 +57,7 @@ def _checked(path: str) -> str:
 def _described() -> str:
     return (
         f"{checkpoints.CHECKPOINT_FOLDER}/{checkpoints.PREFIX}<9 digits>/{checkpoints.STATE_FILE}, "
-        f"adapter/<file name> or {SNAPSHOTS_FILE}"
+        f"adapter/(adapter_config.json|adapter_model.safetensors|README.md) or {SNAPSHOTS_FILE}"
     )
 
 

@@ -63,7 +63,14 @@ def test_sent_files_land_where_a_local_job_writes_them_and_come_back(
 
 @pytest.mark.parametrize(
     "path",
-    ["checkpoints/step-1/state.pt", "checkpoints/step-000000001/x.pt", "stderr.log", "adapter/.hidden", "adapter/"],
+    [
+        "checkpoints/step-1/state.pt",
+        "checkpoints/step-000000001/x.pt",
+        "stderr.log",
+        "adapter/.hidden",
+        "adapter/",
+        "adapter/adapter_model.bin",
+    ],
 )
 def test_a_path_that_is_not_a_run_file_is_a_422_naming_it(client: TestClient, run_id: int, path: str) -> None:
     for answer in (client.put(f"/api/runs/{run_id}/files/{path}", content=b"x"),

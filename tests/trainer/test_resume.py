@@ -80,3 +80,22 @@ def test_a_server_shutdown_checkpoints_and_only_an_interrupted_run_resumes(home:
     again.communicate(timeout=60)
     rows = [r["step"] for r in steps(home, 1)]
     assert rows == list(range(1, len(rows) + 1)) and run_row(home, 1)["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--optimizer", "sgd", "--momentum", "0.9", "--scheduler", "cosine", "--warmup-steps", "2"],
+        ["--optimizer", "adamw", "--scheduler", "constant_with_warmup", "--warmup-steps", "2"],
+        ["--optimizer", "adamw", "--scheduler", "linear", "--loraplus-lr-ratio", "16"],
+    ],
+)
+def test_every_checkpoint_loads_as_plain_tensors(home: Path, flags: list[str]) -> None:
+    """checkpoints.load refuses pickled objects (a checkpoint may come over HTTP from another node): every
+    optimizer, schedule and LoRA+'s groups must save as tensors, numbers and dicts only."""
+    assert finish(home, *TINY, "--max-steps", "6", "--checkpoint-every", "3", "--eval-every", "0", *flags) == 0
+    found = checkpoints.latest(home / "runs" / "1")
+    assert found is not None and found.name == "step-000000003"
+    state = checkpoints.load(found)  # weights_only=True: an UnpicklingError otherwise
+    assert state["step"] == 3 and state["scheduler"]["last_epoch"] == 3 and state["trainable"]
+    assert state["optimizer"]["state"]  # AdamW's moments, SGD's momentum buffers
