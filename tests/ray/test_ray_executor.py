@@ -1,13 +1,14 @@
 """Runs and sweeps on a real local Ray cluster (STEPSCOPE_EXECUTOR=ray), each job recording over HTTP into a
-real `stepscope serve` process: a sweep completes, a cancel stops its Ray job, a killed worker leaves its run
-interrupted, a server restart re-attaches to the running job, a cluster that is down gives 503, and a run's
-log is its Ray job's."""
+real `stepscope serve` process: a sweep completes (Ray queueing what does not fit), a range test suggests a
+rate, a cancel stops its Ray job, a killed worker leaves its run interrupted, a server restart re-attaches
+to the running job, a cluster that is down gives 503, and a run's log is its Ray job's."""
 
 from __future__ import annotations
 
 import os
 import signal
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ def test_a_sweep_runs_through_ray_and_records_every_step_over_http(ray_server: S
     )
     assert status == 201, sweep
     ids = [r["id"] for r in sweep["runs"]]
+    runs, jobs = [], []
     for run_id in ids:
         done = ended(ray_server, run_id)
         assert done["status"] == "completed", done["error"]
@@ -43,6 +45,34 @@ def test_a_sweep_runs_through_ray_and_records_every_step_over_http(ray_server: S
         job = finished_job(ray_server, ray_address, run_id)
         assert job.status.value == "SUCCEEDED" and f"--run-id {run_id} --server {ray_server.url}" in job.entrypoint
         assert job.metadata["stepscope_run"] == str(run_id)
+        runs.append(done)
+        jobs.append(job)
+    # Ray queued them, not stepscope: all three were submitted before any run ended, and with two CPUs and one
+    # asked per job, the last to train started only after one of the others had ended.
+    starts = sorted((moment(r["started_at"]), i) for i, r in enumerate(runs))
+    first_end = min(moment(r["finished_at"]) for r in runs)
+    assert max(j.start_time for j in jobs) / 1000 < first_end  # Ray's submission times, in ms
+    last = runs[starts[-1][1]]
+    assert moment(last["started_at"]) > min(moment(r["finished_at"]) for r in runs if r is not last)
+
+
+def moment(iso: str) -> float:
+    """A run's time from the API (UTC, maybe without its zone) as a Unix timestamp."""
+    stamp = datetime.fromisoformat(iso)
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def test_a_range_test_runs_through_ray_and_suggests_a_rate(ray_server: Server, ray_address: str) -> None:
+    status, created = call(
+        ray_server, "POST", "/api/lr-range-tests", {"config": TINY, "min_lr": 1e-6, "max_lr": 1.0, "num_steps": 60}
+    )
+    assert status == 201, created
+    done = ended(ray_server, created["id"])
+    assert done["status"] == "completed", done["error"]
+    assert finished_job(ray_server, ray_address, created["id"]).status.value == "SUCCEEDED"
+    status, summary = call(ray_server, "GET", f"/api/runs/{created['id']}/summary")
+    assert status == 200 and 1e-6 < summary["range_test"]["suggested_lr"] < 1.0
+    assert len(summary["range_test"]["sweep_lrs"]) == 5
 
 
 def test_the_run_s_log_is_its_ray_job_s_log(ray_server: Server, ray_address: str) -> None:
