@@ -33,7 +33,6 @@ CHECKPOINT = re.compile(rf"{checkpoints.CHECKPOINT_FOLDER}/{checkpoints.PREFIX}(
 ADAPTER = re.compile(r"adapter/(adapter_config\.json|adapter_model\.safetensors|README\.md)")
 """What peft's `save_pretrained` writes, and nothing else: no `adapter_model.bin`, which loading would unpickle."""
 PLACES = (CHECKPOINT, ADAPTER, re.compile(re.escape(SNAPSHOTS_FILE)))
-CHUNK = 1 << 20
 
 
 class RunFile(BaseModel):

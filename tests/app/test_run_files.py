@@ -113,3 +113,14 @@ def test_an_ended_run_takes_no_files_and_a_missing_one_is_a_404(
     db.execute("UPDATE runs SET status = 'completed' WHERE id = ?", (run_id,))
     answer = client.put(f"/api/runs/{run_id}/files/snapshots.pt", content=b"late")
     assert answer.status_code == 409 and "already finished" in answer.json()["detail"]
+
+
+def test_a_file_over_the_upload_limit_is_a_413_and_leaves_nothing(settings: Settings, db: sqlite3.Connection) -> None:
+    small = settings.model_copy(update={"max_upload_bytes": 1000})
+    with TestClient(create_app(small, run_jobs=False)) as client:
+        created = client.post("/api/runs", json=TINY | {"max_steps": 5}).json()["id"]
+        db.execute("UPDATE runs SET status = 'running' WHERE id = ?", (created,))
+        answer = client.put(f"/api/runs/{created}/files/snapshots.pt", content=b"x" * (1 << 20))
+        assert answer.status_code == 413
+        run_dir = small.runs_dir / str(created)
+        assert list(run_dir.iterdir()) == []  # refused while read: the partial file was removed
