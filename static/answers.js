@@ -1,4 +1,4 @@
-// The compare and sweep pages' answers: per held-out prompt, each run's greedy answer at an eval step (a
+// The compare, sweep and run pages' answers: per held-out prompt, each run's greedy answer at an eval step (a
 // slider picks the step; each run shows its latest answer at or before it), coloured by learning rate as
 // the charts are, and the exact-match accuracy over the eval steps. Runs still going are polled.
 "use strict";

@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 from analysis.range_test import RANGE_TEST_SMOOTHING
 from app import services
 from app.deps import RunId, SessionDep, SettingsDep
-from app.pages.compare import map_context
+from app.pages.compare import compare_rows, map_context
 from app.pages.render import CheckedForm, not_found, render, require_sign_in
 from app.routers.lr_range import suggested_sweep
 from app.runner.merges import merge_state
@@ -103,6 +103,7 @@ def run_page(request: Request, session: SessionDep, settings: SettingsDep, run_i
         "analysis_labels": ANALYSIS_LABELS,
         "range_test": range_test,
         "range_smoothing": RANGE_TEST_SMOOTHING,
+        "runs": compare_rows([run]) if run.kind == "train" else [],  # its answers (static/answers.js)
     }
     context = {
         "run": run,

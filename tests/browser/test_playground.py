@@ -1,5 +1,6 @@
-"""What each rate learned, in the browser: a sweep's page shows each run's answers and accuracy, and the
-playground streams a typed prompt's answers from two runs' adapters and the base model, side by side."""
+"""What each rate learned, in the browser: a sweep's page shows each run's answers and accuracy (and a run's
+own page its own), and the playground streams a typed prompt's answers from two runs' adapters and the base
+model, side by side."""
 
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def test_the_sweep_page_shows_each_rates_answers_and_accuracy(page: Page, sweep:
     p.locator("#answers-step").fill("0")
     assert p.text_content("#answers-step-value") == "20"
     page.screenshot("sweep-answers")
+
+
+def test_a_run_s_own_page_shows_what_it_answers(page: Page, sweep: dict[str, Any]) -> None:
+    p = page.page
+    good = _run_id(sweep, GOOD)
+    page.goto(f"/runs/{good}")
+    p.wait_for_selector("#answers:not([hidden]) #answers-table tbody tr")
+    assert p.text_content("#answers h2") == "What it answers"
+    headers = [t.strip() for t in p.locator("#answers-table thead th").all_text_contents()]
+    assert headers == ["Prompt", "Expected", "lr 1e-2"]  # this run alone
+    cells = p.locator("#answers-table tbody td.answer")
+    assert cells.count() == 8 and cells.evaluate_all("cs => cs.filter(c => c.classList.contains('exact')).length") >= 7
+    chart = "document.getElementById('chart-accuracy')"
+    p.wait_for_function(f"() => {chart}.data && {chart}.data.length === 1")
+    assert p.get_attribute("#answers-playground", "href") == f"/playground?ids={good}"
 
 
 def _run_id(sweep: dict[str, Any], lr: float) -> int:
