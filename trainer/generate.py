@@ -41,9 +41,13 @@ class Answer:
     overlap: float | None
 
 
-def pick_prompts(examples: list[Example], tok: Any, count: int) -> list[Prompt]:
+def pick_prompts(examples: list[Example], tok: Any, count: int, max_len: int | None = None) -> list[Prompt]:
     """The first `count` distinct prompts of the held-out examples: prompt/completion pairs and chat turns
-    ending in an assistant reply (its reply is expected). Plain `text` examples have no prompt: none."""
+    ending in an assistant reply (its reply is expected). Plain `text` examples have no prompt: none.
+
+    A prompt longer than `max_len` tokens (the run's max_seq_len, as training cuts its examples) keeps its
+    last `max_len`, where the question is, and is shown from "…" on: eight long prompts at every eval step
+    would otherwise cost more than the steps between them."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
     for example in examples:
@@ -61,6 +65,9 @@ def pick_prompts(examples: list[Example], tok: Any, count: int) -> list[Prompt]:
         if prompt in seen or not ids:
             continue
         seen.add(prompt)
+        if max_len is not None and len(ids) > max_len:
+            ids = ids[-max_len:]
+            prompt = "…" + tok.decode(ids)
         prompts.append(Prompt(prompt, expected, ids))
     return prompts
 

@@ -191,7 +191,9 @@ def setup(cfg: TrainConfig, home: Path) -> Setup:
         walk=walk,
         plan=plan,
         tok=tok,
-        prompts=pick_prompts(eval_examples, tok, cfg.generate_count) if cfg.generate_max_new_tokens else [],
+        prompts=pick_prompts(eval_examples, tok, cfg.generate_count, cfg.max_seq_len)
+        if cfg.generate_max_new_tokens
+        else [],
     )
 
 

@@ -85,6 +85,17 @@ def test_prompts_of_chat_examples_end_with_the_generation_prompt() -> None:
     assert prompts[0].prompt == "user: hi\nassistant: " and prompts[0].expected == "hello"
 
 
+def test_a_prompt_longer_than_max_seq_len_keeps_its_end() -> None:
+    tok = tiny_tokenizer()
+    long = {"prompt": "word " * 300 + "The otter is ", "completion": "ivory"}
+    full = list(tok(long["prompt"], add_special_tokens=False)["input_ids"])
+    (cut,) = pick_prompts([long], tok, 1, max_len=32)
+    assert len(full) > 32 and cut.ids == full[-32:]  # the question, right before the answer
+    assert cut.prompt.startswith("…") and cut.prompt.endswith("The otter is ")
+    (whole,) = pick_prompts([long], tok, 1, max_len=len(full))
+    assert whole.ids == full and whole.prompt == long["prompt"]
+
+
 def test_streamed_greedy_text_is_the_greedy_answer() -> None:
     """The playground's token-by-token loop and the eval steps' batched `generate` agree at temperature 0."""
     import torch
