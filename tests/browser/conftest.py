@@ -59,10 +59,11 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 6
 
 
 @contextlib.contextmanager
-def serve(home: Path, **settings: str) -> Iterator[Server]:
-    """`stepscope serve` on a free loopback port with `home` as its data directory and the given STEPSCOPE_
-    settings (e.g. TOKEN="s3cret"); stopped (SIGTERM, then SIGKILL) on leaving."""
-    port = free_port()
+def serve(home: Path, port: int | None = None, **settings: str) -> Iterator[Server]:
+    """`stepscope serve` on a loopback port (a free one unless given: a restarted server must answer where its
+    jobs send their rows) with `home` as its data directory and the given STEPSCOPE_ settings (e.g.
+    TOKEN="s3cret"); stopped (SIGTERM, then SIGKILL) on leaving."""
+    port = port or free_port()
     env = os.environ | {"STEPSCOPE_HOME": str(home)} | {f"STEPSCOPE_{k.upper()}": v for k, v in settings.items()}
     for name in ("DATABASE_URL", "TOKEN", "ALLOWED_HOSTS"):
         if name.lower() not in settings:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import REPO, Server, wait_until_up
+from tests.browser.conftest import Server
 from tests.conftest import free_port, wait_for
 
 BIN = Path(sys.executable).parent
@@ -93,29 +93,6 @@ def _answers(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def serve_on(home: Path, port: int, **settings: str) -> Iterator[Server]:
-    """`stepscope serve` on this port (a restarted server must answer where its jobs send their rows)."""
-    env = os.environ | {"STEPSCOPE_HOME": str(home)} | {f"STEPSCOPE_{k.upper()}": v for k, v in settings.items()}
-    for name in ("DATABASE_URL", "TOKEN", "ALLOWED_HOSTS"):
-        env.pop(f"STEPSCOPE_{name}", None)
-    log = (home / "server.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=log
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process)
-        yield Server(home, url, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 def call(server: Server, method: str, path: str, body: Any = None) -> tuple[int, Any]:

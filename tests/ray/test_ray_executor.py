@@ -16,7 +16,7 @@ import pytest
 from store.db import make_engine, upgrade
 from tests.browser.conftest import Server, serve
 from tests.conftest import free_port, wait_for
-from tests.ray.conftest import call, ended, finished_job, pid_of, ray_jobs, run, serve_on, steps
+from tests.ray.conftest import call, ended, finished_job, pid_of, ray_jobs, run, steps
 
 pytestmark = pytest.mark.ray
 
@@ -142,13 +142,13 @@ def test_a_killed_worker_leaves_its_run_interrupted_and_it_resumes(ray_server: S
 def test_a_restarted_server_reattaches_to_the_running_job(ray_address: str, tmp_path: Path) -> None:
     home, port = tmp_path / "home", free_port()
     home.mkdir()
-    with serve_on(home, port, executor="ray", ray_address=ray_address) as first:
+    with serve(home, port, executor="ray", ray_address=ray_address) as first:
         status, created = call(first, "POST", "/api/runs", TINY | {"max_steps": 300})
         assert status == 201, created
         run_id = created["id"]
         wait_for(lambda: len(steps(first.db, run_id)) >= 3, timeout=120, what="steps")
     # The job trains on while no server answers: its recorder keeps the requests and sends them later.
-    with serve_on(home, port, executor="ray", ray_address=ray_address) as second:
+    with serve(home, port, executor="ray", ray_address=ray_address) as second:
         assert run(second, run_id)["status"] in ("running", "completed")  # its last rows may be in already
         done = ended(second, run_id)
         assert done["status"] == "completed", done["error"]
