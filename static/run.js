@@ -351,11 +351,27 @@
       const atEnd = lines.scrollTop + lines.clientHeight >= lines.scrollHeight - 4;
       lines.textContent = log.lines.join("\n");
       note.textContent = log.lines.length ? `(last ${log.lines.length} lines, ${log.executor} job)` : "(no log yet)";
+      if (log.job) note.replaceChildren(...jobNote(log));
       if (atEnd) lines.scrollTop = lines.scrollHeight; // follow the end unless the reader scrolled up
     } catch (err) {
       note.textContent = `(the log could not be read: ${err.message})`;
     }
     details.dataset.loaded = "true"; // for tests
+  }
+
+  /** "(last 200 lines of Ray job <link> · RUNNING · on 10.0.0.5)": where the run's latest attempt runs. */
+  function jobNote(log) {
+    const link = document.createElement(log.job.url ? "a" : "span");
+    link.id = "job-log-job";
+    link.textContent = log.job.id;
+    if (log.job.url) {
+      link.href = log.job.url;
+      link.target = "_blank";
+      link.rel = "noopener";
+    }
+    const lines = log.lines.length ? `last ${log.lines.length} lines of` : "no log yet from";
+    const where = `${log.job.status}${log.job.node ? ` · on ${log.job.node}` : ""})`;
+    return [`(${lines} ${log.executor === "ray" ? "Ray job" : "job"} `, link, ` · ${where}`];
   }
 
   details.addEventListener("toggle", () => {

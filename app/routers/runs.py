@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response, status
@@ -61,12 +62,22 @@ MAX_LOG_LINES = 5000
 logs a line per eval; the local file is in the run's folder, a Ray job's log is also on Ray's dashboard)."""
 
 
+class JobOut(BaseModel):
+    id: str
+    status: str
+    node: str | None
+    url: str | None
+
+
 class RunLogs(BaseModel):
     run_id: int
     executor: str
     """Where the job ran (`local` or `ray`), so where the lines come from: its stderr, or Ray's job log."""
     lines: list[str]
     """The last lines the run's latest job printed, oldest first (progress-bar redraws collapsed)."""
+    job: JobOut | None = None
+    """The latest job as the executor sees it (a Ray job: its id, status, node and dashboard page); None for a
+    local subprocess (the run's own status and pid say it all) or when the cluster cannot say."""
 
 
 Verdict = Literal["ok", "too_low", "too_high", "diverged", "inconclusive"]
@@ -264,8 +275,11 @@ def read_logs(
     """The end of the log of the run's latest job, through the executor: the local job's stderr or the Ray
     job's log (`get_job_logs`). None for a run recorded by a script of its own, or one not started yet."""
     run = get_run(session, run_id)
-    lines = [] if run.kind == EXTERNAL else runner.executor.logs(run_id, tail)
-    return RunLogs(run_id=run_id, executor=settings.executor, lines=lines)
+    if run.kind == EXTERNAL:
+        return RunLogs(run_id=run_id, executor=settings.executor, lines=[])
+    lines = runner.executor.logs(run_id, tail)
+    job = runner.executor.job_info(run_id)
+    return RunLogs(run_id=run_id, executor=settings.executor, lines=lines, job=JobOut(**asdict(job)) if job else None)
 
 
 @router.post("/{run_id}/resume", response_model=RunPublic)

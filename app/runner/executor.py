@@ -24,6 +24,20 @@ StopWhy = Literal["cancel", "kill", "shutdown"]
 DEFAULT_LOG_LINES = 200
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """Where a run's latest attempt runs or ran, as the executor names it (the run page's log section)."""
+
+    id: str
+    """The executor's name for it: a Ray job's submission id."""
+    status: str
+    """The executor's word for its state (Ray's PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    node: str | None = None
+    """The machine it runs on, where the executor says (a Ray node's address)."""
+    url: str | None = None
+    """Its page on the executor's own dashboard, if there is one."""
+
+
 class ClusterUnreachable(Exception):
     """The executor cannot take jobs now (the cluster does not answer): queued runs wait, new ones get 503."""
 
@@ -79,6 +93,10 @@ class Executor(Protocol):
 
     def logs(self, run_id: int, lines: int = DEFAULT_LOG_LINES) -> list[str]:
         """The last lines the run's latest attempt printed ([] when there is none, or it cannot be read)."""
+
+    def job_info(self, run_id: int) -> JobInfo | None:
+        """The run's latest attempt as the executor sees it; None where it has nothing to add to the run's own
+        row (a local subprocess), or cannot say now."""
 
     def reattach(self, run: Run) -> Handle | None:
         """The run's latest attempt, if it is still this executor's to watch (a server restart): the runner

@@ -198,6 +198,9 @@ class LocalExecutor:
             return []
         return last_lines(text, lines)
 
+    def job_info(self, run_id: int) -> None:
+        return None  # a subprocess of this server: its pid and status are the run's own
+
     def reattach(self, run: Run) -> Job | None:
         """The run's live process if it is the one the run recorded: a reused pid (or a process whose start
         time cannot be read) belongs to someone else and is never adopted, so never signalled."""

@@ -26,6 +26,7 @@ from app.config import Settings
 from app.runner.executor import (
     DEFAULT_LOG_LINES,
     ClusterUnreachable,
+    JobInfo,
     JobRefused,
     JobState,
     Started,
@@ -60,6 +61,8 @@ class RayExecutor:
         self._failure = ""
         self._latest: dict[int, str] = {}
         """Run id -> the submission id of its latest attempt this server submitted or re-attached to."""
+        self._nodes: dict[str, str] = {}
+        """Node id -> its address, for the run page."""
 
     def client(self) -> Any:
         """The cluster's JobSubmissionClient (ClusterUnreachable while it does not answer)."""
@@ -181,6 +184,31 @@ class RayExecutor:
         except Exception:  # logs are a courtesy: an unreachable cluster or a lost job has none
             return []
         return last_lines(text, lines)
+
+    def job_info(self, run_id: int) -> JobInfo | None:
+        try:
+            handle = self._latest.get(run_id) or self.latest(run_id)
+            if handle is None:
+                return None
+            info = self._call("get_job_info", handle)
+        except Exception:  # a courtesy, like the logs: an unreachable cluster or a lost job says nothing
+            return None
+        node = self._node_address(info.driver_node_id) if getattr(info, "driver_node_id", None) else None
+        url = f"{self.settings.ray_address.rstrip('/')}/#/jobs/{handle}"
+        return JobInfo(id=handle, status=str(info.status.value), node=node, url=url)
+
+    def _node_address(self, node_id: str) -> str:
+        """A node's address (from Ray's state API, remembered: a node keeps its address), else its id."""
+        if node_id not in self._nodes:
+            try:
+                from ray.util.state import list_nodes
+
+                for node in list_nodes(address=self.settings.ray_address, timeout=10, raise_on_missing_output=False):
+                    named = node.node_name and node.node_name != node.node_ip  # a host name, not the address again
+                    self._nodes[node.node_id] = f"{node.node_ip} ({node.node_name})" if named else node.node_ip
+            except Exception:
+                return node_id[:12]
+        return self._nodes.get(node_id, node_id[:12])
 
     def reattach(self, run: Run) -> str | None:
         assert run.id is not None

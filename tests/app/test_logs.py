@@ -36,7 +36,7 @@ def test_the_api_returns_the_log_of_a_real_local_job(client: TestClient, setting
     answer = client.get(f"/api/runs/{run_id}/logs")
     assert answer.status_code == 200
     body = answer.json()
-    assert body["run_id"] == run_id and body["executor"] == "local"
+    assert body["run_id"] == run_id and body["executor"] == "local" and body["job"] is None  # its row says it all
     stderr = (settings.runs_dir / str(run_id) / "stderr.log").read_text()
     shown = [line for line in stderr.split("\n") if line.strip()]
     assert body["lines"] == [line.rstrip() for line in shown][-200:]  # the job's own lines, oldest first

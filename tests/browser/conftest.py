@@ -21,15 +21,6 @@ import pytest
 
 from tests.conftest import free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,25 +89,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`stepscope serve` on a free port with its own home; three jobs may train at once (a sweep's three)."""
     with serve(tmp_path_factory.mktemp("stepscope-home"), max_concurrent_runs="3") as running:
         yield running
-
-
-@pytest.fixture(scope="session")
-def playwright() -> Iterator[Any]:
-    """One Playwright for the session: its sync API runs an event loop in this thread, so a second one
-    started while the first is open fails ("Sync API inside the asyncio loop")."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); no browser is downloaded")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture(scope="session")
-def browser(playwright: Any) -> Iterator[Any]:
-    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-    yield browser
-    browser.close()
 
 
 class Page:

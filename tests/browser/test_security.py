@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, Page, Server, serve
-from tests.conftest import free_port
+from tests.browser.conftest import Page, Server, serve
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = pytest.mark.browser
 

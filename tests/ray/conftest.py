@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import Server
+from tests.browser.conftest import Server, page  # noqa: F401 (`page`: a fixture, for the Ray run page's test)
 from tests.conftest import free_port, wait_for
 
 BIN = Path(sys.executable).parent

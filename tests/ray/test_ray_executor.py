@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from store.db import make_engine, upgrade
-from tests.browser.conftest import Server, serve
+from tests.browser.conftest import Page, Server, serve
 from tests.conftest import free_port, wait_for
 from tests.ray.conftest import call, ended, finished_job, pid_of, ray_jobs, run, steps
 
@@ -91,7 +91,31 @@ def test_the_run_s_log_is_its_ray_job_s_log(ray_server: Server, ray_address: str
     assert logs["lines"] == [line for line in printed if line][-5:] and len(logs["lines"]) == 5
     status, logs = call(ray_server, "GET", f"/api/runs/{run_id}/logs")
     assert any("training examples" in line for line in logs["lines"])  # the trainer's own log, through Ray
+    from ray.util.state import list_nodes
+
+    (node,) = list_nodes(address=ray_address)
+    url = f"{ray_address}/#/jobs/{job.submission_id}"  # the job's page on Ray's dashboard
+    assert logs["job"] == {"id": job.submission_id, "status": "SUCCEEDED", "node": node.node_ip, "url": url}
     assert call(ray_server, "GET", f"/api/runs/{run_id}/logs?tail=0")[0] == 422
+
+
+@pytest.fixture(scope="module")
+def server(ray_server: Server) -> Server:
+    """The browser page's server (tests.browser.conftest.page): the Ray one."""
+    return ray_server
+
+
+def test_the_run_page_s_log_names_its_ray_job(page: Page, ray_server: Server, ray_address: str) -> None:
+    status, created = call(ray_server, "POST", "/api/runs", TINY | {"max_steps": 5})
+    assert status == 201, created
+    assert ended(ray_server, created["id"])["status"] == "completed"
+    job = finished_job(ray_server, ray_address, created["id"])
+    page.goto(f"/runs/{created['id']}")
+    page.page.click("#job-log summary")
+    page.page.wait_for_selector("#job-log[data-loaded='true'] #job-log-job")
+    note = page.page.text_content("#job-log-note") or ""
+    assert note.startswith("(last ") and f"lines of Ray job {job.submission_id} · SUCCEEDED · on " in note
+    assert page.page.get_attribute("#job-log-job", "href") == f"{ray_address}/#/jobs/{job.submission_id}"
 
 
 def test_the_cluster_s_resources_are_read(ray_address: str, tmp_path: Path) -> None:
