@@ -101,6 +101,24 @@ def run_modules(run_id: RunId, session: SessionDep, db: DbDep) -> dict[str, Any]
     return {"run_id": run_id, **read_module_norms(db, run_id)}
 
 
+@router.get("/runs/{run_id}/modules.csv", responses={200: {"content": {"text/csv": {}}}})
+def run_modules_csv(run_id: RunId, session: SessionDep, db: DbDep) -> Response:
+    """The module norms as CSV, a row per recorded step and LoRA tensor (a long table, as pandas reads it):
+    step, tensor, layer, module, matrix, update_norm, param_norm, update_ratio."""
+    get_run(session, run_id)
+    norms = read_module_norms(db, run_id)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["step", "tensor", "layer", "module", "matrix", "update_norm", "param_norm", "update_ratio"])
+    named = list(zip(norms["tensors"], norms["layers"], norms["modules"], norms["matrices"], strict=True))
+    for i, step in enumerate(norms["steps"]):
+        values = zip(norms["update_norms"][i], norms["param_norms"][i], norms["update_ratios"][i], strict=True)
+        for (tensor, layer, module, matrix), numbers in zip(named, values, strict=True):
+            writer.writerow([step, tensor, "" if layer is None else layer, module, matrix,
+                             *("" if v is None else v for v in numbers)])  # fmt: skip
+    return Response(out.getvalue(), media_type="text/csv")
+
+
 # --- maps ----------------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@ module norms as JSON and CSV."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -113,6 +115,13 @@ def test_probes_and_module_norms_as_json_and_csv(client: TestClient, sweep: Path
     i = modules["steps"].index(8)
     assert modules["update_norms"][i] == updates
     assert modules["update_ratios"][i] == pytest.approx([u / w for u, w in zip(updates, weights, strict=True)])
+    table = list(csv.DictReader(io.StringIO(client.get("/api/runs/3/modules.csv").text)))
+    assert len(table) == len(modules["steps"]) * len(modules["tensors"])  # a row per step and tensor
+    at_8 = [r for r in table if r["step"] == "8"]
+    assert [r["tensor"] for r in at_8] == modules["tensors"] and at_8[1]["matrix"] == "B"
+    assert [float(r["update_norm"]) for r in at_8] == pytest.approx(updates)
+    assert [float(r["param_norm"]) for r in at_8] == pytest.approx(weights)
+    assert client.get("/api/runs/999/modules.csv").status_code == 404
     assert client.get("/api/runs/999/probes").status_code == 404
     assert client.get("/api/runs/999/modules").status_code == 404
 
