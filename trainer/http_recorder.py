@@ -15,8 +15,6 @@ import json
 import logging
 import math
 import os
-import queue
-import threading
 import time
 from datetime import datetime
 from enum import Enum
@@ -29,7 +27,7 @@ from store.landscape import SNAPSHOTS_FILE, ModuleRow, ProbeRow
 from store.scalars import ScalarRow
 from store.tables import STEP_COLUMNS
 from trainer import checkpoints
-from trainer.recorder import _CLOSE, QueuedRecorder
+from trainer.recorder import QueuedRecorder
 
 ANSWER_FIELDS = ("prompt_index", "prompt", "expected", "output", "exact", "overlap")  # a GenerationRow after its step
 log = logging.getLogger(__name__)
@@ -179,21 +177,8 @@ class HttpRecorder(QueuedRecorder):
 
     def _work(self) -> None:
         try:
-            done = False
-            while not done:
-                batch = [self._queue.get()]
-                while True:  # everything that queued up meanwhile goes in as few requests as it can
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if batch[-1] is _CLOSE:
-                    batch.pop()
-                    done = True
-                flushed = [item for item in batch if isinstance(item, threading.Event)]
-                self._send_all(_coalesce([item for item in batch if isinstance(item, tuple)]), closing=done)
-                for event in flushed:
-                    event.set()
+            for batch, closing in self._batches():  # what queued up meanwhile, in as few requests as it can
+                self._send_all(_coalesce(batch), closing=closing)
         except BaseException as exc:  # reported by flush/close and the loop's next record()
             self.error = exc
 

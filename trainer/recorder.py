@@ -13,6 +13,7 @@ import os
 import queue
 import sqlite3
 import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,25 @@ class QueuedRecorder:
 
     def _work(self) -> None:
         raise NotImplementedError
+
+    def _batches(self) -> Iterator[tuple[list[Any], bool]]:
+        """For the thread: everything that queued up since the last batch (at least one item), and whether the
+        recorder is closing; the `flush` events among them are set once the thread is done with the batch."""
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is _CLOSE:
+                batch.pop()
+                done = True
+            yield [item for item in batch if not isinstance(item, threading.Event)], done
+            for event in batch:  # everything queued before it is done now
+                if isinstance(event, threading.Event):
+                    event.set()
 
     def flush(self) -> None:
         """Wait until every row queued so far is committed (a checkpoint must not run ahead of its rows)."""
@@ -181,21 +201,8 @@ class Recorder(QueuedRecorder):
         # so checking the foreign key on every metric row only costs time (~25% of the insert rate).
         conn.execute("PRAGMA foreign_keys = OFF")
         try:
-            done = False
-            while not done:
-                batch = [self._queue.get()]
-                while True:  # take everything that queued up meanwhile into the same transaction
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if batch[-1] is _CLOSE:
-                    batch.pop()
-                    done = True
-                flushed = [item for item in batch if isinstance(item, threading.Event)]
-                self._write(conn, [item for item in batch if not isinstance(item, threading.Event)])
-                for event in flushed:  # everything queued before it is committed now
-                    event.set()
+            for batch, _ in self._batches():  # everything that queued up meanwhile, in one transaction
+                self._write(conn, batch)
         except BaseException as exc:  # reported by close(); the loop must not die silently
             self.error = exc
         finally:
