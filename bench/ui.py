@@ -43,17 +43,9 @@ sys.path.insert(0, str(ROOT))
 from app.config import Settings  # noqa: E402
 from store.db import upgrade  # noqa: E402
 from store.rollups import write_steps  # noqa: E402
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402 (the browser tests' Chromium, as they start it)
 
 RESULTS = ROOT / "bench" / "results" / "ui.txt"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DATA_TARGET_MS = 300
 TTI_TARGET_MS = 2000
 
@@ -192,7 +184,7 @@ def measure(base: str, ids: list[int], repeats: int) -> dict[str, Any]:
     for keys in ("loss", "lr,grad_norm,update_ratio,step_scale"):
         fetch_ms(f"{base}/api/compare?ids={','.join(map(str, ids))}&keys={keys}&max_points=1000")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         cold = []
         for _ in range(3):  # each in a new context: nothing cached
             context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -263,7 +255,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=20, help="direct fetches of the data request")
     args = parser.parse_args()
-    if not Path(CHROMIUM).exists():
+    if not CHROMIUM.exists():
         sys.exit(f"{CHROMIUM} is missing: apt-get install chromium (no browser is downloaded)")
     with tempfile.TemporaryDirectory(prefix="stepscope-ui-") as tmp:
         home = Path(tmp)
