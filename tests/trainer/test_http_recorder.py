@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
@@ -37,7 +36,6 @@ def queue_run(settings: Settings, **config: object) -> int:
 
 
 def test_a_job_given_a_server_url_records_every_step_over_http(settings: Settings, home: Path) -> None:
-    pytest.importorskip("ray.job_submission")
     run_id = queue_run(settings, max_steps=30, probe_every=10, module_norms_every=10, loraplus_lr_ratio=16)
     # A Ray executor whose cluster nobody answers: the server starts no job itself, the run waits for ours.
     with serve(home, executor="ray", ray_address=f"http://127.0.0.1:{free_port()}") as server:
@@ -78,7 +76,6 @@ def remote_job(run_id: int, server: str, **env: str) -> subprocess.CompletedProc
 def test_a_job_on_a_node_of_its_own_sends_the_files_the_server_reads(
     settings: Settings, home: Path, tmp_path: Path
 ) -> None:
-    pytest.importorskip("ray.job_submission")
     run_id = queue_run(settings, max_steps=30, checkpoint_every=10, map_snapshots=4)
     node = tmp_path / "node"  # a worker's own data directory (STEPSCOPE_JOB_HOME), not the server's
     with serve(home, executor="ray", ray_address=f"http://127.0.0.1:{free_port()}") as server:
