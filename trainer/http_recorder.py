@@ -16,10 +16,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from stepscope.client import MAX_ROWS_PER_REQUEST, NON_FINITE_ALLOWED, _Transport, _Unreachable
 from store.generations import GenerationRow
@@ -31,6 +32,7 @@ from trainer.recorder import QueuedRecorder
 
 ANSWER_FIELDS = ("prompt_index", "prompt", "expected", "output", "exact", "overlap")  # a GenerationRow after its step
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRY_SECONDS = 0.5
 CLOSE_WAIT_SECONDS = 120.0
@@ -136,14 +138,7 @@ class HttpRecorder(QueuedRecorder):
 
     def _get(self, path: str) -> bytes:
         """A GET of the server's, retried while it cannot be reached (up to CLOSE_WAIT_SECONDS)."""
-        give_up = time.monotonic() + CLOSE_WAIT_SECONDS
-        while True:
-            try:
-                return self._transport.get_bytes(path)
-            except _Unreachable:
-                if time.monotonic() > give_up:
-                    raise
-                time.sleep(RETRY_SECONDS)
+        return _retried(lambda: self._transport.get_bytes(path), time.monotonic() + CLOSE_WAIT_SECONDS)
 
     def update_run(self, **fields: Any) -> None:
         """Set columns of this run's row, in order with the rows queued before."""
@@ -183,20 +178,14 @@ class HttpRecorder(QueuedRecorder):
             self.error = exc
 
     def _send_all(self, requests: list[tuple[str, Any]], closing: bool) -> None:
-        give_up = time.monotonic() + CLOSE_WAIT_SECONDS
+        give_up = time.monotonic() + CLOSE_WAIT_SECONDS if closing else None
         for op, body in requests:
-            while True:
-                try:
-                    self._post(op, body)
-                    break
-                except ValueError as exc:
-                    if "(409)" not in str(exc):
-                        raise
-                    return  # the run ended on the server (the runner settled it): nothing more to record
-                except _Unreachable:  # the server restarts, or the network hiccups: try again, in order
-                    if closing and time.monotonic() > give_up:
-                        raise
-                    time.sleep(RETRY_SECONDS)
+            try:
+                _retried(lambda: self._post(op, body), give_up)  # noqa: B023 (called at once, in this iteration)
+            except ValueError as exc:
+                if "(409)" not in str(exc):
+                    raise
+                return  # the run ended on the server (the runner settled it): nothing more to record
 
     def _post(self, op: str, body: Any) -> None:
         if op == "job":
@@ -219,6 +208,18 @@ class HttpRecorder(QueuedRecorder):
                 raise
             # Over the server's STEPSCOPE_MAX_UPLOAD_BYTES: the rows matter more than this file; say so, go on.
             log.warning("run %d: the server refused %s (%d bytes) as too large", self.run_id, path, len(data))
+
+
+def _retried(call: Callable[[], T], give_up: float | None) -> T:
+    """`call()`, tried again while the server cannot be reached (it restarts, or the network hiccups), until
+    the monotonic time `give_up` (None: for as long as it takes); the requests after it wait, in order."""
+    while True:
+        try:
+            return call()
+        except _Unreachable:
+            if give_up is not None and time.monotonic() > give_up:
+                raise
+            time.sleep(RETRY_SECONDS)
 
 
 def _coalesce(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
