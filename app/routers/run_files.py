@@ -44,13 +44,16 @@ class RunFiles(BaseModel):
     files: list[RunFile]
 
 
-def _checked(path: str) -> str:
-    if not any(place.fullmatch(path) for place in PLACES):
+def _is_run_file(path: str) -> bool:
+    return any(place.fullmatch(path) for place in PLACES)
+
+
+def _checked(path: str) -> None:
+    if not _is_run_file(path):
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             [{"loc": ["path", "path"], "msg": f"not a run file: {_described()}", "type": "value_error"}],
         )
-    return path
 
 
 def _described() -> str:
@@ -103,9 +106,7 @@ def list_run_files(run_id: RunId, session: SessionDep, settings: SettingsDep) ->
     run_dir = settings.runs_dir / str(run_id)
     found = sorted(p for p in run_dir.rglob("*") if p.is_file()) if run_dir.is_dir() else []
     files = [(p.relative_to(run_dir).as_posix(), p) for p in found]
-    return RunFiles(
-        files=[RunFile(path=rel, bytes=p.stat().st_size) for rel, p in files if any(x.fullmatch(rel) for x in PLACES)]
-    )
+    return RunFiles(files=[RunFile(path=rel, bytes=p.stat().st_size) for rel, p in files if _is_run_file(rel)])
 
 
 @router.get("/{run_id}/files/{path:path}", response_class=FileResponse)
